@@ -1,0 +1,209 @@
+"""Give detections track ids across frames (norfair, IoU matching, class-aware).
+
+Input: ``FramePacket`` with ``detections`` (boxes in source pixels) or ``None`` (no inference
+this frame: the trackers still advance).
+Output: the same packet with ``detections`` replaced by a copy whose ``track_ids`` hold the
+norfair track id (1, 2, … per stream) of each row, or -1 where the row has no confirmed track
+yet; ``events`` gets ``{"event": "track_started" | "track_ended", "track_id", "class_id"}``.
+
+One norfair tracker per ``stream_id``, made on the stream's first packet. Frames dropped
+upstream (gaps in ``packet.index``) are passed to norfair as ``period`` so a track's hit counter
+is credited for the frames it could not see.
+
+Events: ``track_started`` on the frame a track is confirmed (after ``initialization_delay``
+hits); ``track_ended`` on the frame norfair drops it (unmatched for about ``hit_counter_max``
+frames). Tracks still alive when the stream ends get no ``track_ended``: ``flush()`` has no
+frame to carry it.
+
+Thread: runs in the tracker stage's thread; the per-stream state is touched by nothing else.
+
+Ownership: the packet's ``Detections`` object is replaced, not modified, so anything holding
+the old one sees no change.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import norfair
+import numpy as np
+
+from pipeline.stage import StageBase
+from stages.frame import Detections, FramePacket
+
+logger = logging.getLogger(__name__)
+
+
+class TrackEvent(str, enum.Enum):
+    """The ``"event"`` value of the dicts the tracker adds to ``packet.events``."""
+
+    STARTED = "track_started"
+    ENDED = "track_ended"
+
+
+@dataclass(frozen=True)
+class TrackConfig:
+    """Settings of a ``Tracker`` (norfair's names and meanings).
+
+    Attributes:
+        distance_threshold: largest ``1 - IoU`` that still matches a detection to a track
+            (0.7: boxes must overlap with IoU above 0.3).
+        hit_counter_max: how many frames a track survives without a match.
+        initialization_delay: hits a new track needs before it gets an id; until then its
+            detections carry track id -1. Must be below ``hit_counter_max``.
+        pointwise_hit_counter_max: norfair's per-point hit counter cap.
+        past_detections_length: past detections norfair keeps per track.
+        class_aware: only match a detection to a track of the same class.
+    """
+
+    distance_threshold: float = 0.7
+    hit_counter_max: int = 15
+    initialization_delay: int = 3
+    pointwise_hit_counter_max: int = 4
+    past_detections_length: int = 4
+    class_aware: bool = True
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.distance_threshold <= 1.0:
+            raise ValueError(
+                f"track.distance_threshold must be in (0, 1] (a 1 - IoU distance), got {self.distance_threshold}"
+            )
+        if self.hit_counter_max < 1:
+            raise ValueError(f"track.hit_counter_max must be >= 1, got {self.hit_counter_max}")
+        if not 0 <= self.initialization_delay < self.hit_counter_max:
+            raise ValueError(
+                "track.initialization_delay must be in [0, hit_counter_max), "
+                f"got {self.initialization_delay} with hit_counter_max {self.hit_counter_max}"
+            )
+        if self.pointwise_hit_counter_max < 1:
+            raise ValueError(
+                f"track.pointwise_hit_counter_max must be >= 1, got {self.pointwise_hit_counter_max}"
+            )
+        if self.past_detections_length < 0:
+            raise ValueError(
+                f"track.past_detections_length must be >= 0, got {self.past_detections_length}"
+            )
+
+
+def iou_distance(detection: norfair.Detection, tracked_object: norfair.tracker.TrackedObject) -> float:
+    """``1 - IoU`` of a detection's box and a track's predicted box, both ``[[x1, y1], [x2, y2]]``.
+
+    norfair's own ``iou`` asserts on degenerate boxes and ``iou_opt`` divides by zero on them,
+    and norfair calls ``exit()`` on a NaN or inf distance; a Kalman prediction can turn a box
+    inside out, so corners are ordered here and an empty union is "no overlap" (1.0).
+    """
+    (ax1, ay1), (ax2, ay2) = detection.points.tolist()
+    (bx1, by1), (bx2, by2) = tracked_object.estimate.tolist()
+    ax1, ax2 = min(ax1, ax2), max(ax1, ax2)
+    ay1, ay2 = min(ay1, ay2), max(ay1, ay2)
+    bx1, bx2 = min(bx1, bx2), max(bx1, bx2)
+    by1, by2 = min(by1, by2), max(by1, by2)
+    inter = max(0.0, min(ax2, bx2) - max(ax1, bx1)) * max(0.0, min(ay2, by2) - max(ay1, by1))
+    union = (ax2 - ax1) * (ay2 - ay1) + (bx2 - bx1) * (by2 - by1) - inter
+    if not union > 0.0:  # also catches NaN
+        return 1.0
+    return 1.0 - inter / union
+
+
+@dataclass
+class _StreamState:
+    tracker: norfair.Tracker
+    last_index: int | None = None
+    # track id -> class id, for every confirmed track norfair still holds.
+    live: dict[int, int] = field(default_factory=dict)
+
+
+class Tracker(StageBase[FramePacket]):
+    """Processor[FramePacket, FramePacket]: fills ``detections.track_ids`` and track events."""
+
+    def __init__(self, config: TrackConfig) -> None:
+        self.config = config
+        self.name = "track"
+        self._streams: dict[str, _StreamState] = {}
+
+    def _new_tracker(self) -> norfair.Tracker:
+        c = self.config
+        return norfair.Tracker(
+            distance_function=iou_distance,
+            distance_threshold=c.distance_threshold,
+            hit_counter_max=c.hit_counter_max,
+            initialization_delay=c.initialization_delay,
+            pointwise_hit_counter_max=c.pointwise_hit_counter_max,
+            past_detections_length=c.past_detections_length,
+        )
+
+    def process(self, item: FramePacket) -> FramePacket:
+        state = self._streams.get(item.stream_id)
+        if state is None:
+            state = _StreamState(tracker=self._new_tracker())
+            self._streams[item.stream_id] = state
+        period = 1 if state.last_index is None else max(1, item.index - state.last_index)
+        state.last_index = item.index
+
+        dets = item.detections
+        norfair_dets = _to_norfair(dets, self.config.class_aware) if dets is not None else []
+        active = state.tracker.update(detections=norfair_dets or None, period=period)
+
+        if dets is not None:
+            track_ids = np.full(len(dets), -1, dtype=np.int64)
+            for obj in active:
+                row = obj.last_detection.data
+                # Only a detection of *this* frame: an unmatched track still points at an old one.
+                matched_now = (
+                    isinstance(row, int)
+                    and row < len(norfair_dets)
+                    and norfair_dets[row] is obj.last_detection
+                )
+                if matched_now:
+                    track_ids[row] = obj.id
+            item.detections = Detections(
+                boxes_xyxy=dets.boxes_xyxy,
+                scores=dets.scores,
+                class_ids=dets.class_ids,
+                track_ids=track_ids,
+            )
+            for row, track_id in enumerate(track_ids.tolist()):
+                if track_id >= 0 and track_id not in state.live:
+                    class_id = int(dets.class_ids[row])
+                    state.live[track_id] = class_id
+                    item.events.append(_event(TrackEvent.STARTED, track_id, class_id))
+
+        # Confirmed tracks norfair no longer holds have ended (unmatched too long).
+        held = {
+            obj.id
+            for obj in state.tracker.tracked_objects
+            if obj.id is not None and obj.hit_counter_is_positive
+        }
+        for track_id in [t for t in state.live if t not in held]:
+            item.events.append(_event(TrackEvent.ENDED, track_id, state.live.pop(track_id)))
+        return item
+
+    def flush(self) -> Iterable[FramePacket]:
+        return ()
+
+    def teardown(self) -> None:
+        self._streams.clear()
+
+
+def _to_norfair(dets: Detections, class_aware: bool) -> list[norfair.Detection]:
+    """One norfair Detection per row, points ``[[x1, y1], [x2, y2]]``, ``data`` the row index."""
+    boxes = dets.boxes_xyxy.astype(np.float64).reshape(-1, 2, 2)
+    scores = dets.scores.astype(np.float64)
+    labels = dets.class_ids.tolist()
+    return [
+        norfair.Detection(
+            points=boxes[i],
+            scores=np.array([scores[i], scores[i]]),
+            data=i,
+            label=labels[i] if class_aware else None,
+        )
+        for i in range(len(dets))
+    ]
+
+
+def _event(kind: TrackEvent, track_id: int, class_id: int) -> dict[str, Any]:
+    return {"event": kind.value, "track_id": int(track_id), "class_id": int(class_id)}
