@@ -1,0 +1,225 @@
+"""Draw detections on a frame: boxes, "label score #id" captions, and track trails.
+
+Input: a uint8 ``(H, W, 3)`` RGB picture and its ``Detections`` (boxes ``[x1, y1, x2, y2]`` in
+that picture's pixels). Output: a *new* uint8 ``(H, W, 3)`` RGB picture; the input is never
+written (a packet's image is shared by every sink).
+
+An ``Annotator`` is the small ABC from supervision: ``annotate(scene, detections, class_names)
+-> scene``. The concrete ones draw in place on a canvas they are given (``draw``); ``annotate``
+copies first, and ``AnnotatorChain`` copies once for several.
+
+Colours: one per track id; untracked rows (id -1) take their class's colour.
+
+Thread: whichever stage calls it (the video sink's thread). ``TrailAnnotator`` keeps per-track
+history, so use one instance per video stream, from one thread.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from stages.frame import Detections
+
+# 20 well-separated RGB colours (Tableau-like), readable on both dark and light scenes.
+PALETTE_RGB: tuple[tuple[int, int, int], ...] = (
+    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (255, 187, 120),
+    (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210),
+    (219, 219, 141), (158, 218, 229), (57, 59, 121), (99, 121, 57), (140, 109, 49),
+)
+
+
+def color_for(track_id: int, class_id: int) -> tuple[int, int, int]:
+    """RGB colour of a row: by track id when tracked, else by class."""
+    key = track_id if track_id >= 0 else class_id
+    return PALETTE_RGB[key % len(PALETTE_RGB)]
+
+
+class Annotator(abc.ABC):
+    """Draws one kind of mark for a frame's detections."""
+
+    def annotate(
+        self, scene_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]
+    ) -> np.ndarray:
+        """A copy of ``scene_rgb_u8`` (uint8 ``(H, W, 3)`` RGB) with the marks drawn."""
+        canvas = np.array(scene_rgb_u8, dtype=np.uint8, order="C", copy=True)
+        self.draw(canvas, detections, class_names)
+        return canvas
+
+    @abc.abstractmethod
+    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+        """Draw in place on ``canvas_rgb_u8``, which the caller owns."""
+
+
+class BoxAnnotator(Annotator):
+    def __init__(self, thickness: int = 2) -> None:
+        if thickness < 1:
+            raise ValueError(f"thickness must be >= 1, got {thickness}")
+        self.thickness = thickness
+
+    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+        for (x1, y1, x2, y2), track_id, class_id in _rows(detections, canvas_rgb_u8.shape):
+            cv2.rectangle(canvas_rgb_u8, (x1, y1), (x2, y2), color_for(track_id, class_id), self.thickness)
+
+
+class LabelAnnotator(Annotator):
+    """Caption above each box: ``"label score #id"`` (score and id optional)."""
+
+    def __init__(self, text_scale: float = 0.5, show_score: bool = True, show_track_id: bool = True) -> None:
+        if text_scale <= 0:
+            raise ValueError(f"text_scale must be > 0, got {text_scale}")
+        self.text_scale = text_scale
+        self.show_score = show_score
+        self.show_track_id = show_track_id
+        self._thickness = max(1, round(text_scale * 2))
+
+    def caption(self, class_id: int, score: float, track_id: int, class_names: Sequence[str]) -> str:
+        label = class_names[class_id] if 0 <= class_id < len(class_names) else f"class {class_id}"
+        parts = [label]
+        if self.show_score:
+            parts.append(f"{score:.2f}")
+        if self.show_track_id and track_id >= 0:
+            parts.append(f"#{track_id}")
+        return " ".join(parts)
+
+    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+        height, width = canvas_rgb_u8.shape[:2]
+        font = cv2.FONT_HERSHEY_SIMPLEX
+        scores = detections.scores.tolist()
+        for row, ((x1, y1, _, _), track_id, class_id) in zip(
+            _row_indices(detections), _rows(detections, canvas_rgb_u8.shape)
+        ):
+            text = self.caption(class_id, scores[row], track_id, class_names)
+            (text_w, text_h), baseline = cv2.getTextSize(text, font, self.text_scale, self._thickness)
+            pad = 2
+            box_h = text_h + baseline + 2 * pad
+            # Above the box when there is room, else inside it; kept within the picture.
+            top = y1 - box_h if y1 - box_h >= 0 else y1
+            top = min(max(0, top), max(0, height - box_h))
+            left = min(max(0, x1), max(0, width - text_w - 2 * pad))
+            color = color_for(track_id, class_id)
+            cv2.rectangle(canvas_rgb_u8, (left, top), (left + text_w + 2 * pad, top + box_h), color, cv2.FILLED)
+            ink = (0, 0, 0) if sum(color) > 382 else (255, 255, 255)
+            cv2.putText(canvas_rgb_u8, text, (left + pad, top + pad + text_h), font, self.text_scale,
+                        ink, self._thickness, cv2.LINE_AA)
+
+
+class TrailAnnotator(Annotator):
+    """Line through each track's last ``length`` box centres (bottom-centre: where it stands).
+
+    Memory is bounded: at most ``length`` points per track, and a track not seen for ``length``
+    frames is forgotten.
+    """
+
+    def __init__(self, length: int = 30, thickness: int = 2) -> None:
+        if length < 2:
+            raise ValueError(f"length must be >= 2, got {length}")
+        if thickness < 1:
+            raise ValueError(f"thickness must be >= 1, got {thickness}")
+        self.length = length
+        self.thickness = thickness
+        self._frame = 0
+        self._points: dict[int, deque[tuple[int, int]]] = {}
+        self._last_seen: dict[int, int] = {}
+        self._class: dict[int, int] = {}
+
+    @property
+    def tracks_held(self) -> int:
+        return len(self._points)
+
+    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+        self._frame += 1
+        for (x1, _, x2, y2), track_id, class_id in _rows(detections, canvas_rgb_u8.shape):
+            if track_id < 0:
+                continue
+            trail = self._points.setdefault(track_id, deque(maxlen=self.length))
+            trail.append(((x1 + x2) // 2, y2))
+            self._last_seen[track_id] = self._frame
+            self._class[track_id] = class_id
+        for track_id in [t for t, seen in self._last_seen.items() if self._frame - seen >= self.length]:
+            del self._points[track_id], self._last_seen[track_id], self._class[track_id]
+        for track_id, trail in self._points.items():
+            if len(trail) >= 2:
+                points = np.array(trail, dtype=np.int32).reshape(-1, 1, 2)
+                cv2.polylines(canvas_rgb_u8, [points], False, color_for(track_id, self._class[track_id]),
+                              self.thickness, cv2.LINE_AA)
+
+
+class AnnotatorChain(Annotator):
+    """Several annotators on one copy, in order (trails under boxes under captions)."""
+
+    def __init__(self, annotators: Sequence[Annotator]) -> None:
+        self.annotators = tuple(annotators)
+
+    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+        for annotator in self.annotators:
+            annotator.draw(canvas_rgb_u8, detections, class_names)
+
+
+@dataclass(frozen=True)
+class AnnotateConfig:
+    """What the annotated video shows.
+
+    Attributes:
+        box_thickness: box line width in pixels.
+        text_scale: OpenCV font scale of the captions; 0 turns captions off.
+        show_score: put the score in the caption.
+        show_track_id: put ``#id`` in the caption for tracked rows.
+        trail_length: frames of track history drawn as a line; 0 turns trails off.
+    """
+
+    box_thickness: int = 2
+    text_scale: float = 0.5
+    show_score: bool = True
+    show_track_id: bool = True
+    trail_length: int = 0
+
+    def __post_init__(self) -> None:
+        if self.box_thickness < 1:
+            raise ValueError(f"annotate.box_thickness must be >= 1, got {self.box_thickness}")
+        if self.text_scale < 0:
+            raise ValueError(f"annotate.text_scale must be >= 0 (0: no captions), got {self.text_scale}")
+        if self.trail_length < 0 or self.trail_length == 1:
+            raise ValueError(f"annotate.trail_length must be 0 (off) or >= 2, got {self.trail_length}")
+
+
+def make_annotator(config: AnnotateConfig) -> Annotator:
+    """The annotator a config describes (one per video stream: trails keep state)."""
+    parts: list[Annotator] = []
+    if config.trail_length:
+        parts.append(TrailAnnotator(length=config.trail_length, thickness=config.box_thickness))
+    parts.append(BoxAnnotator(thickness=config.box_thickness))
+    if config.text_scale > 0:
+        parts.append(LabelAnnotator(config.text_scale, config.show_score, config.show_track_id))
+    return AnnotatorChain(parts)
+
+
+def _row_indices(detections: Detections) -> list[int]:
+    boxes = detections.boxes_xyxy
+    finite = np.isfinite(boxes).all(axis=1) if len(boxes) else np.zeros(0, dtype=bool)
+    return np.flatnonzero(finite).tolist()
+
+
+def _rows(
+    detections: Detections, shape: tuple[int, ...]
+) -> list[tuple[tuple[int, int, int, int], int, int]]:
+    """Finite rows as (int box clipped to the picture, track id, class id)."""
+    height, width = shape[:2]
+    rows = _row_indices(detections)
+    if not rows:
+        return []
+    boxes = np.rint(detections.boxes_xyxy[rows]).astype(np.int64)
+    boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, width - 1)
+    boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, height - 1)
+    track_ids = detections.track_ids[rows].tolist()
+    class_ids = detections.class_ids[rows].tolist()
+    return [
+        ((int(b[0]), int(b[1]), int(b[2]), int(b[3])), t, c)
+        for b, t, c in zip(boxes.tolist(), track_ids, class_ids)
+    ]
