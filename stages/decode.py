@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -161,7 +161,7 @@ class FileSource(StageBase[FramePacket]):
             ) from exc
         self._container = container
         if not container.streams.video:
-            kinds = sorted({s.type for s in container.streams}) or ["none"]
+            kinds: list[str] = sorted({str(s.type) for s in container.streams}) or ["none"]
             self.teardown()
             raise VideoSourceError(
                 f"{path} has no video stream (streams: {', '.join(kinds)})"
@@ -187,7 +187,7 @@ class FileSource(StageBase[FramePacket]):
             self._total_frames if self._total_frames is not None else "?",
         )
 
-    def items(self) -> Iterator[FramePacket]:
+    def items(self) -> Generator[FramePacket, None, None]:
         """Yield every frame as a ``FramePacket``; closes the file when exhausted or closed."""
         if self._frames is None or self._first_frame is None or self._stream is None:
             raise VideoSourceError(f"{self.name}: items() called before setup()")

@@ -147,6 +147,7 @@ def test_audio_only_file(tmp_path: Path, suffix: str, codec: str) -> None:
     rate = 16000
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=rate)
+        assert isinstance(stream, av.AudioStream)
         stream.layout = "mono"
         sine = np.sin(2 * np.pi * 440 * np.arange(rate) / rate)
         fmt = "s16" if codec == "pcm_s16le" else "fltp"

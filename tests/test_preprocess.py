@@ -38,7 +38,7 @@ def _packet(image: np.ndarray) -> FramePacket:
 
 def _pil_reference(image: np.ndarray, size: int) -> np.ndarray:
     """The official pipeline: PIL bilinear resize, then ToTensor. float32 (3, S, S) in [0, 1]."""
-    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR))
+    resized = np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BILINEAR))
     return resized.transpose(2, 0, 1).astype(np.float32) / 255.0
 
 
