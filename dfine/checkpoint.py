@@ -10,7 +10,6 @@ the file seems to hold (size and class count, read from tensor shapes) and what 
 from __future__ import annotations
 
 import logging
-import pickle
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -169,8 +168,10 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{source} does not exist or is not a file")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError, UnicodeDecodeError) as exc:
-        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+    # On arbitrary bytes the weights-only unpickler fails with whatever error the garbage
+    # provokes (UnpicklingError, KeyError, EOFError, RuntimeError...), so all are caught.
+    except Exception as exc:
+        first_line = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:160]}"
         raise CheckpointError(
             f"{source} is not a PyTorch checkpoint readable with weights_only=True ({first_line})"
         ) from exc

@@ -299,6 +299,12 @@ class DFineDecoder(nn.Module):
             sigmoid), and the selected indices ``(B, Q)`` int64 into the flattened cells
             (finest level first, row-major), best first.
         """
+        num_cells = sum(h * w for h, w in spatial_shapes)
+        if num_cells < self.num_queries:
+            raise ValueError(
+                f"the input gives {num_cells} feature cells, fewer than the {self.num_queries} queries; "
+                "use a larger input size"
+            )
         anchors, valid = self.anchors_for(spatial_shapes, memory.device, memory.dtype)
         # Cells too close to the border carry zero memory and infinite anchors; the official
         # model still lets them compete in the top-k, and so does this one.
