@@ -223,22 +223,30 @@ class DFineDecoder(nn.Module):
         )
         self.register_buffer("anchors", anchors)
         self.register_buffer("valid_mask", valid_mask)
-        self._reset_parameters(feat_channels)
+        self._reset_parameters()
 
-    def _reset_parameters(self, feat_channels: tuple[int, ...]) -> None:
+    def _reset_parameters(self) -> None:
+        # The official initialisation: heads start at a 1% class prior and at zero box
+        # corrections (boxes = anchors, uniform edge distributions).
         prior = bias_for_prior(0.01)
         nn.init.constant_(self.enc_score_head.bias, prior)
         for head in (self.enc_bbox_head, self.pre_bbox_head, *self.dec_bbox_head):
-            nn.init.zeros_(head.layers[-1].weight)
-            nn.init.zeros_(head.layers[-1].bias)
-        for cls_head in self.dec_score_head:
-            nn.init.constant_(cls_head.bias, prior)
-        nn.init.xavier_uniform_(self.enc_output.proj.weight)
-        nn.init.xavier_uniform_(self.query_pos_head.layers[0].weight)
-        nn.init.xavier_uniform_(self.query_pos_head.layers[1].weight)
-        for proj, c in zip(self.input_proj, feat_channels):
-            if c != self.hidden_dim:
-                nn.init.xavier_uniform_(proj.conv.weight)
+            assert isinstance(head, MLP)
+            nn.init.zeros_(head.last.weight)
+            nn.init.zeros_(head.last.bias)
+        for linear in self.dec_score_head:
+            assert isinstance(linear, nn.Linear)
+            nn.init.constant_(linear.bias, prior)
+        for linear in self.enc_output:
+            if isinstance(linear, nn.Linear):
+                nn.init.xavier_uniform_(linear.weight)
+        for linear in self.query_pos_head.layers:
+            assert isinstance(linear, nn.Linear)
+            nn.init.xavier_uniform_(linear.weight)
+        for proj in self.input_proj:
+            for conv in proj.children():
+                if isinstance(conv, nn.Conv2d):
+                    nn.init.xavier_uniform_(conv.weight)
 
     def _load_from_state_dict(  # type: ignore[no-untyped-def]
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs

@@ -63,6 +63,8 @@ class MSDeformableAttention(nn.Module):
         offset_scale: offsets are ``offset * box_wh * offset_scale / num_points_of_level``.
     """
 
+    num_points_scale: torch.Tensor
+
     def __init__(
         self, embed_dim: int, num_heads: int, num_points: list[int], offset_scale: float = 0.5
     ) -> None:

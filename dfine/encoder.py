@@ -69,7 +69,7 @@ class RepNCSPELAN4(nn.Module):
         self, c1: int, c2: int, c3: int, c4: int, num_blocks: int, act: Activation = Activation.SILU
     ) -> None:
         super().__init__()
-        self.half = c3 // 2
+        self.split_width = c3 // 2
         self.cv1 = ConvNorm(c1, c3, 1, act=act)
         self.cv2 = nn.Sequential(
             CSPLayer(c3 // 2, c4, num_blocks, act), ConvNorm(c4, c4, 3, act=act)
@@ -78,7 +78,7 @@ class RepNCSPELAN4(nn.Module):
         self.cv4 = ConvNorm(c3 + 2 * c4, c2, 1, act=act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = self.cv1(x).split((self.half, self.half), dim=1)
+        a, b = self.cv1(x).split((self.split_width, self.split_width), dim=1)
         c = self.cv2(b)
         d = self.cv3(c)
         return self.cv4(torch.cat([a, b, c, d], dim=1))

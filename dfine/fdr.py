@@ -91,8 +91,8 @@ class LQE(nn.Module):
         self.k = k
         self.reg_max = reg_max
         self.reg_conf = MLP(4 * (k + 1), hidden_dim, 1, num_layers)
-        nn.init.zeros_(self.reg_conf.layers[-1].weight)
-        nn.init.zeros_(self.reg_conf.layers[-1].bias)
+        nn.init.zeros_(self.reg_conf.last.weight)
+        nn.init.zeros_(self.reg_conf.last.bias)
 
     def forward(self, scores: torch.Tensor, corner_logits: torch.Tensor) -> torch.Tensor:
         """``scores`` ``(B, Q, C)`` logits, ``corner_logits`` ``(B, Q, 4 * (reg_max + 1))`` → ``(B, Q, C)``."""

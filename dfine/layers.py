@@ -41,6 +41,11 @@ class FrozenBatchNorm2d(nn.Module):
     them out, so they must be buffers here too.
     """
 
+    weight: torch.Tensor
+    bias: torch.Tensor
+    running_mean: torch.Tensor
+    running_var: torch.Tensor
+
     def __init__(self, num_features: int, eps: float = 1e-5) -> None:
         super().__init__()
         self.num_features = num_features
@@ -99,10 +104,19 @@ class ConvNorm(nn.Module):
 class MLP(nn.Module):
     """``num_layers`` Linear layers with ReLU between them (none after the last)."""
 
+    layers: nn.ModuleList
+
     def __init__(self, in_dim: int, hidden_dim: int, out_dim: int, num_layers: int) -> None:
         super().__init__()
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+
+    @property
+    def last(self) -> nn.Linear:
+        """The output layer (zero-initialised by several heads)."""
+        layer = self.layers[-1]
+        assert isinstance(layer, nn.Linear)
+        return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1
