@@ -284,7 +284,7 @@ class DFineDecoder(nn.Module):
             self._anchor_cache[key] = cached
         return cached
 
-    def _flatten_inputs(
+    def flatten_features(
         self, feats: list[torch.Tensor]
     ) -> tuple[torch.Tensor, list[tuple[int, int]]]:
         """Project the maps and flatten them into one ``(B, L, C)`` memory, finest level first."""
@@ -332,7 +332,7 @@ class DFineDecoder(nn.Module):
 
     def forward(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Encoder maps → ``{"pred_logits": (B, Q, C), "pred_boxes": (B, Q, 4) cxcywh}``."""
-        memory, spatial_shapes = self._flatten_inputs(feats)
+        memory, spatial_shapes = self.flatten_features(feats)
         content, ref_logits, _ = self.select_queries(memory, spatial_shapes)
         logits, boxes = self.refine(content, ref_logits, memory, spatial_shapes)
         return {"pred_logits": logits, "pred_boxes": boxes}

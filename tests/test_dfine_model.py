@@ -48,7 +48,7 @@ def run(n_model: DFINE, calibrated: dict[str, torch.Tensor]) -> dict[str, object
     with torch.no_grad():
         backbone = n_model.backbone(calibrated["images"])
         encoder = n_model.encoder(backbone)
-        memory, shapes = n_model.decoder._flatten_inputs(encoder)
+        memory, shapes = n_model.decoder.flatten_features(encoder)
         _, _, topk_index = n_model.decoder.select_queries(memory, shapes)
         outputs = n_model.decoder(encoder)
     return {"backbone": backbone, "encoder": encoder, "topk_index": topk_index, "outputs": outputs}
