@@ -1,0 +1,339 @@
+"""Run-time figures of a pipeline: per stage, per buffer, and source-to-sink latency.
+
+Recording: each stage thread owns one ``StageRecorder`` (made and kept by the ``Pipeline``, no
+globals) and calls ``record_item()`` after each item: a source around its ``next()``, a
+processor around ``process()``, a sink around ``write()``; a sink also calls
+``record_latency()`` with the time from the source's yield to the end of the write. Any other
+thread (the CLI's status display, a signal handler) may call ``snapshot()`` at any time: each
+recorder has its own small lock, held only to append or to copy.
+
+Memory stays bounded on a stream that runs for days: totals are running counters, and the
+percentiles come from a fixed window of the most recent samples (``window`` items per stage).
+
+Reporting: ``PipelineMetrics`` is a frozen snapshot with ``to_dict()`` (JSON-able),
+``format_table()`` (the summary at the end of a run) and ``status_line()`` (one short line for a
+live display). Durations in the dataclasses are milliseconds (``*_ms``) or seconds (``*_s``),
+as named; a percentile is ``None`` until there is a sample.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+import time
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from pipeline.ring_buffer import BufferStats
+
+__all__ = [
+    "DEFAULT_WINDOW",
+    "LatencyMetrics",
+    "PipelineMetrics",
+    "StageKind",
+    "StageMetrics",
+    "StageRecorder",
+    "percentile",
+]
+
+#: Samples kept per stage for percentiles: enough for stable p99 figures, small enough to copy
+#: for every snapshot (a few microseconds).
+DEFAULT_WINDOW = 2048
+
+
+class StageKind(enum.Enum):
+    SOURCE = "source"
+    PROCESSOR = "processor"
+    SINK = "sink"
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (0..100) of already sorted values, linearly interpolated between
+    closest ranks (numpy's default method); ``None`` for no values."""
+    if not 0 <= q <= 100:
+        raise ValueError(f"q must be within [0, 100], got {q}")
+    n = len(sorted_values)
+    if n == 0:
+        return None
+    pos = (n - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
+
+
+@dataclass(frozen=True)
+class LatencyMetrics:
+    """Time from a source yielding an item to a sink finishing its write of it.
+
+    Attributes:
+        count: items measured since the start (every sink write counts once).
+        p50_ms, p95_ms, p99_ms: over the most recent window of samples; ``None`` before the
+            first sample.
+    """
+
+    count: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+
+    @classmethod
+    def from_samples(cls, count: int, samples_s: Iterable[float]) -> LatencyMetrics:
+        values = sorted(samples_s)
+        return cls(
+            count=count,
+            p50_ms=_ms(percentile(values, 50)),
+            p95_ms=_ms(percentile(values, 95)),
+            p99_ms=_ms(percentile(values, 99)),
+        )
+
+
+@dataclass(frozen=True)
+class StageMetrics:
+    """One stage's figures.
+
+    Attributes:
+        name: the stage's name (also its thread's name).
+        kind: source, processor or sink.
+        items: items handled since the start: yielded by a source, passed to ``process()``
+            (whatever it returned), written by a sink.
+        fps: ``items`` per second of wall time from the start of its first item to now (or to
+            when the stage finished).
+        recent_fps: the same over the recent window only: what a live display should show.
+        busy_fraction: share of that wall time spent inside ``next()`` / ``process()`` /
+            ``flush()`` / ``write()``, in [0, 1]; the rest is waiting on buffers.
+        recent_busy_fraction: the same over the recent window (flush time not included).
+        time_per_item_p50_ms, time_per_item_p95_ms: time inside the call, over the recent window.
+        running: the stage's thread has not finished.
+        latency: for a sink, source-to-write latency of the items it wrote; ``None`` otherwise.
+    """
+
+    name: str
+    kind: StageKind
+    items: int
+    fps: float
+    recent_fps: float
+    busy_fraction: float
+    recent_busy_fraction: float
+    time_per_item_p50_ms: float | None
+    time_per_item_p95_ms: float | None
+    running: bool
+    latency: LatencyMetrics | None = None
+
+
+class StageRecorder:
+    """Collects one stage's timings. Written by the stage's thread, read by any thread.
+
+    Args:
+        name: the stage's name.
+        kind: what kind of stage records here (sinks also record latency).
+        window: recent samples kept for percentiles and ``recent_fps``.
+    """
+
+    def __init__(self, name: str, kind: StageKind, window: int = DEFAULT_WINDOW) -> None:
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.name = name
+        self.kind = kind
+        # Re-entrant: metrics() may be called from a signal handler on a thread inside it.
+        self._lock = threading.RLock()
+        self._items = 0
+        self._busy_s = 0.0
+        self._first_start_s: float | None = None
+        self._finished_s: float | None = None
+        self._started = False
+        # (start_s, duration_s) of recent items.
+        self._recent: deque[tuple[float, float]] = deque(maxlen=window)
+        self._latency_count = 0
+        self._latency_s: deque[float] = deque(maxlen=window)
+
+    def mark_started(self) -> None:
+        """The stage's thread is running (called first thing in the thread)."""
+        with self._lock:
+            self._started = True
+            self._finished_s = None
+
+    def mark_finished(self, at_s: float | None = None) -> None:
+        """The stage's thread is done; rates stop decaying from here."""
+        with self._lock:
+            self._finished_s = time.monotonic() if at_s is None else at_s
+
+    def record_item(self, start_s: float, end_s: float) -> None:
+        """One item took ``[start_s, end_s]`` (``time.monotonic()``) inside the stage's call."""
+        duration = max(0.0, end_s - start_s)
+        with self._lock:
+            if self._first_start_s is None:
+                self._first_start_s = start_s
+            self._items += 1
+            self._busy_s += duration
+            self._recent.append((start_s, duration))
+
+    def record_busy(self, start_s: float, end_s: float) -> None:
+        """Work that is not an item (a processor's ``flush()``): counts in the busy fraction."""
+        with self._lock:
+            if self._first_start_s is None:
+                self._first_start_s = start_s
+            self._busy_s += max(0.0, end_s - start_s)
+
+    def record_latency(self, latency_s: float) -> None:
+        """A sink finished writing an item ``latency_s`` after its source yielded it."""
+        with self._lock:
+            self._latency_count += 1
+            self._latency_s.append(latency_s)
+
+    @property
+    def items(self) -> int:
+        with self._lock:
+            return self._items
+
+    def latency_samples(self) -> tuple[int, list[float]]:
+        """(count since start, the recent samples in seconds)."""
+        with self._lock:
+            return self._latency_count, list(self._latency_s)
+
+    def snapshot(self, now_s: float | None = None) -> StageMetrics:
+        with self._lock:
+            items = self._items
+            busy_s = self._busy_s
+            first = self._first_start_s
+            finished = self._finished_s
+            running = self._started and finished is None
+            recent = list(self._recent)
+            latency_count = self._latency_count
+            latency = list(self._latency_s)
+        end = finished if finished is not None else (time.monotonic() if now_s is None else now_s)
+        fps = recent_fps = busy = recent_busy = 0.0
+        if first is not None and end > first:
+            wall = end - first
+            fps = items / wall
+            busy = min(1.0, busy_s / wall)
+        if recent and end > recent[0][0]:
+            recent_wall = end - recent[0][0]
+            recent_fps = len(recent) / recent_wall
+            recent_busy = min(1.0, sum(d for _, d in recent) / recent_wall)
+        durations = sorted(d for _, d in recent)
+        return StageMetrics(
+            name=self.name,
+            kind=self.kind,
+            items=items,
+            fps=fps,
+            recent_fps=recent_fps,
+            busy_fraction=busy,
+            recent_busy_fraction=recent_busy,
+            time_per_item_p50_ms=_ms(percentile(durations, 50)),
+            time_per_item_p95_ms=_ms(percentile(durations, 95)),
+            running=running,
+            latency=(
+                LatencyMetrics.from_samples(latency_count, latency)
+                if self.kind is StageKind.SINK
+                else None
+            ),
+        )
+
+
+def _json_value(value: Any) -> Any:
+    if isinstance(value, enum.Enum):
+        return value.value
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _json_value(v) for k, v in value.items()}
+    return value
+
+
+def _fmt(value: float | None, spec: str = ".1f") -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@dataclass(frozen=True)
+class PipelineMetrics:
+    """A snapshot of a whole pipeline.
+
+    Attributes:
+        wall_s: seconds since ``start()`` (to the end, once finished).
+        frames_in: items yielded by all sources together.
+        frames_out: items written by the sink that wrote the most (each item counts once even
+            when several sinks write it); 0 without sinks.
+        latency: source-to-sink-write latency over all sinks.
+        stages: in pipeline order: sources, processors, sinks.
+        buffers: in pipeline order: each processor's input, then each sink's input.
+    """
+
+    wall_s: float
+    frames_in: int
+    frames_out: int
+    latency: LatencyMetrics
+    stages: tuple[StageMetrics, ...]
+    buffers: tuple[BufferStats, ...]
+
+    @property
+    def dropped(self) -> int:
+        """Items dropped by leaky buffers, all buffers together."""
+        return sum(b.dropped for b in self.buffers)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dicts, lists, numbers, strings and ``None`` (enums as their values)."""
+        d = _json_value(asdict(self))
+        d["dropped"] = self.dropped
+        return dict(d)
+
+    def format_table(self) -> str:
+        """A plain-text summary for the end of a run."""
+        lines = [
+            f"{'stage':<16} {'kind':<9} {'items':>8} {'fps':>8} {'busy':>5} "
+            f"{'p50 ms':>8} {'p95 ms':>8}"
+        ]
+        for s in self.stages:
+            lines.append(
+                f"{s.name:<16} {s.kind.value:<9} {s.items:>8} {s.fps:>8.1f} "
+                f"{s.busy_fraction * 100:>4.0f}% {_fmt(s.time_per_item_p50_ms, '.2f'):>8} "
+                f"{_fmt(s.time_per_item_p95_ms, '.2f'):>8}"
+            )
+        if self.buffers:
+            lines.append("")
+            lines.append(
+                f"{'buffer':<16} {'policy':<11} {'level':>9} {'high':>5} {'puts':>8} {'dropped':>8}"
+            )
+            for b in self.buffers:
+                lines.append(
+                    f"{b.name:<16} {b.policy.value:<11} {f'{b.level}/{b.capacity}':>9} "
+                    f"{b.high_water:>5} {b.put_count:>8} {b.dropped:>8}"
+                )
+        lines.append("")
+        lat = self.latency
+        lines.append(
+            f"latency ms: p50 {_fmt(lat.p50_ms)}  p95 {_fmt(lat.p95_ms)}  p99 {_fmt(lat.p99_ms)}"
+            f"  ({lat.count} items)"
+        )
+        lines.append(
+            f"frames in {self.frames_in}, out {self.frames_out}, dropped {self.dropped}, "
+            f"wall {self.wall_s:.1f} s"
+        )
+        return "\n".join(lines)
+
+    def status_line(self) -> str:
+        """One short line for a live display, e.g.
+        ``decode 29.9 fps | infer 12.1 fps 83% | q 3/8 1/8 | drops 120 | lat p95 210 ms``.
+
+        Sources and processors show their recent rate, processors also how busy they were
+        recently (near 100% marks the bottleneck); sinks are left out to keep it short.
+        """
+        parts = []
+        for s in self.stages:
+            if s.kind is StageKind.SOURCE:
+                parts.append(f"{s.name} {s.recent_fps:.1f} fps")
+            elif s.kind is StageKind.PROCESSOR:
+                parts.append(
+                    f"{s.name} {s.recent_fps:.1f} fps {s.recent_busy_fraction * 100:.0f}%"
+                )
+        if self.buffers:
+            parts.append("q " + " ".join(f"{b.level}/{b.capacity}" for b in self.buffers))
+        parts.append(f"drops {self.dropped}")
+        parts.append(f"lat p95 {_fmt(self.latency.p95_ms, '.0f')} ms")
+        return " | ".join(parts)
