@@ -1,0 +1,490 @@
+"""Runs stages in threads joined by ring buffers, and stops them cleanly or at once.
+
+Topology: every source puts into the first processor's input buffer (or, with no processors,
+into every sink's buffer); each processor's output goes to the next processor's input; the
+last processor's output is fanned out to every sink's own buffer. Each ``BufferSpec`` describes
+the *input* buffer of the processor or sink it is paired with.
+
+Threads (modelled on CPython's ``concurrent.futures.thread``):
+
+- one daemon thread per stage, named after the stage. It calls ``setup()``, then loops
+  (``next()`` / ``process()`` / ``write()``), then ``flush()`` for a processor, and always
+  ``teardown()`` last, also after an error, ``stop()`` or ``abort()``. A worker catches
+  ``BaseException`` and hands it to the pipeline: the first error aborts the run and is raised
+  from ``join()`` as ``StageError``;
+- the caller's thread (usually the main thread) calls ``start()``, ``join()``/``run()``;
+- any thread, or a signal handler on the main thread, may call ``stop()``, ``abort()``,
+  ``metrics()`` and ``running``. Locks taken there are re-entrant, so a handler that runs while
+  the main thread is inside ``join()`` or ``metrics()`` cannot deadlock.
+
+Ending:
+
+- the normal end: when every source is exhausted, an end marker follows the last item through
+  every buffer; each processor passes on its ``flush()`` items then the marker; each sink tears
+  down after the marker. ``join()`` returns once every thread has finished.
+- ``stop()`` (graceful, what SIGINT/SIGTERM call): sources stop between items (a source blocked
+  inside its own ``next()`` returns after its own timeout), then the same end as above, so every
+  item already yielded is processed and written. A second ``stop()`` while draining aborts.
+- ``abort()`` and the first error: every buffer closes, which wakes every stage blocked on a
+  full or empty buffer; each stage tears down. ``join()`` waits at most ``join_timeout_s`` more
+  for threads stuck elsewhere (e.g. a network write), logs those, and returns or raises; they
+  are daemon threads, so the process can still exit.
+
+Latency: the engine wraps each item in an envelope stamped with ``time.monotonic()`` when the
+source yields it; processors and sinks only see the bare item. A processor's output carries the
+stamp of the input it was returned for; items from ``flush()`` carry the stamp of the last input.
+
+Items are opaque here: this module knows nothing of frames or models.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.metrics import (
+    LatencyMetrics,
+    PipelineMetrics,
+    StageKind,
+    StageRecorder,
+)
+from pipeline.ring_buffer import END_OF_STREAM, BufferClosed, OverflowPolicy, RingBuffer
+from pipeline.stage import Processor, Sink, Source
+
+__all__ = ["BufferSpec", "Pipeline", "StageError"]
+
+logger = logging.getLogger(__name__)
+
+# How often join() re-checks when nothing notifies it: keeps the main thread responsive to
+# signals on every platform; the notifications do the real work.
+_JOIN_POLL_S = 0.25
+
+
+class StageError(RuntimeError):
+    """A stage failed (or the pipeline was aborted with a reason); ``__cause__`` is the original.
+
+    Attributes:
+        stage_name: the failing stage, or ``None`` for ``abort(reason)`` from outside.
+    """
+
+    def __init__(self, message: str, stage_name: str | None) -> None:
+        super().__init__(message)
+        self.stage_name = stage_name
+
+
+@dataclass(frozen=True)
+class BufferSpec:
+    """The input buffer of one processor or sink.
+
+    Attributes:
+        capacity: the most items it holds (>= 1).
+        policy: what the producer does when it is full; ``BLOCK`` loses nothing.
+        on_drop: called with each bare item a leaky policy discards, in the producer's thread
+            (e.g. to release a pooled array). With several sinks, each sink's buffer drops on
+            its own: the item may still be in use by another sink.
+    """
+
+    capacity: int = 8
+    policy: OverflowPolicy = OverflowPolicy.BLOCK
+    on_drop: Callable[[Any], None] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
+            raise ValueError(f"capacity must be an int >= 1, got {self.capacity!r}")
+        if not isinstance(self.policy, OverflowPolicy):
+            raise ValueError(
+                f"policy must be an OverflowPolicy ({', '.join(p.name for p in OverflowPolicy)}), "
+                f"got {self.policy!r}"
+            )
+
+
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    """An item in flight and when its source yielded it (``time.monotonic()``)."""
+
+    item: Any
+    source_s: float
+
+
+class _Outlet:
+    """Where a stage's output goes: one buffer, or one per sink (fan-out)."""
+
+    def __init__(self, buffers: Sequence[RingBuffer[_Envelope]]) -> None:
+        self.buffers = tuple(buffers)
+
+    def put(self, envelope: _Envelope) -> None:
+        for buf in self.buffers:
+            buf.put(envelope)
+
+    def put_end(self) -> None:
+        for buf in self.buffers:
+            buf.put_end()
+
+
+def _make_buffer(spec: BufferSpec, name: str) -> RingBuffer[_Envelope]:
+    on_drop: Callable[[_Envelope], None] | None = None
+    if spec.on_drop is not None:
+        user_on_drop = spec.on_drop
+
+        def on_drop(envelope: _Envelope) -> None:
+            user_on_drop(envelope.item)
+
+    return RingBuffer(spec.capacity, spec.policy, name=name, on_drop=on_drop)
+
+
+def _check_pairs(kind: str, pairs: Sequence[tuple[Any, BufferSpec]]) -> None:
+    for i, pair in enumerate(pairs):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], BufferSpec)):
+            raise ValueError(f"{kind}[{i}] must be a ({kind[:-1]}, BufferSpec) pair, got {pair!r}")
+
+
+class Pipeline:
+    """Sources → processors (in a chain) → sinks (fanned out), each stage in its own thread.
+
+    Args:
+        sources: at least one. The stream ends when every source has ended.
+        processors: (processor, its input buffer) in order; may be empty.
+        sinks: (sink, its input buffer); each gets every item. May be empty (outputs are then
+            discarded, e.g. for a benchmark).
+        join_timeout_s: after an abort, how long ``join()`` waits for stage threads blocked
+            outside the buffers before it logs them and gives up on them.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[Source[Any]],
+        processors: Sequence[tuple[Processor[Any, Any], BufferSpec]],
+        sinks: Sequence[tuple[Sink[Any], BufferSpec]],
+        *,
+        join_timeout_s: float = 5.0,
+    ) -> None:
+        if not sources:
+            raise ValueError("sources must hold at least one source")
+        _check_pairs("processors", processors)
+        _check_pairs("sinks", sinks)
+        if not join_timeout_s > 0:
+            raise ValueError(f"join_timeout_s must be > 0, got {join_timeout_s!r}")
+        names = [s.name for s in sources] + [p.name for p, _ in processors] + [s.name for s, _ in sinks]
+        seen: set[str] = set()
+        for name in names:
+            if not isinstance(name, str) or not name:
+                raise ValueError(f"every stage needs a non-empty str name, got {name!r}")
+            if name in seen:
+                raise ValueError(f"stage names must be unique: '{name}' is used twice; rename one")
+            seen.add(name)
+
+        self._sources = tuple(sources)
+        self._processors = tuple(p for p, _ in processors)
+        self._sinks = tuple(s for s, _ in sinks)
+        self._join_timeout_s = join_timeout_s
+
+        self._proc_inputs = [_make_buffer(spec, f"{p.name}.in") for p, spec in processors]
+        self._sink_inputs = [_make_buffer(spec, f"{s.name}.in") for s, spec in sinks]
+        self._buffers = [*self._proc_inputs, *self._sink_inputs]
+        # Outlet of processor i is processor i+1's input; the last one fans out to the sinks.
+        chain_ins = [_Outlet([b]) for b in self._proc_inputs] + [_Outlet(self._sink_inputs)]
+        self._source_outlet = chain_ins[0]
+        self._proc_outlets = chain_ins[1:]
+
+        self._recorders: dict[str, StageRecorder] = {}
+        for src in self._sources:
+            self._recorders[src.name] = StageRecorder(src.name, StageKind.SOURCE)
+        for proc in self._processors:
+            self._recorders[proc.name] = StageRecorder(proc.name, StageKind.PROCESSOR)
+        for sink in self._sinks:
+            self._recorders[sink.name] = StageRecorder(sink.name, StageKind.SINK)
+
+        # Re-entrant: stop()/abort() may run in a signal handler on a thread that holds it.
+        self._lock = threading.RLock()
+        self._changed = threading.Condition(self._lock)
+        self._threads: list[threading.Thread] = []
+        self._started = False
+        self._threads_left = 0
+        self._sources_left = len(self._sources)
+        self._stop_requested = threading.Event()
+        self._aborted = threading.Event()
+        self._abort_s: float | None = None
+        self._error: tuple[str | None, BaseException] | None = None
+        self._start_s: float | None = None
+        self._end_s: float | None = None
+
+    # -- control ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start one thread per stage (sinks first, so they are waiting when items come)."""
+        with self._lock:
+            if self._started:
+                raise RuntimeError("Pipeline.start() was already called; make a new Pipeline to run again")
+            self._started = True
+            self._start_s = time.monotonic()
+            targets: list[tuple[str, Callable[[], None], Callable[[], None]]] = []
+            for sink, buf in zip(self._sinks, self._sink_inputs):
+                targets.append((sink.name, _bind(self._sink_loop, sink, buf), sink.teardown))
+            for proc, buf, outlet in zip(self._processors, self._proc_inputs, self._proc_outlets):
+                targets.append(
+                    (proc.name, _bind(self._processor_loop, proc, buf, outlet), proc.teardown)
+                )
+            for src in self._sources:
+                targets.append((src.name, _bind(self._source_loop, src), src.teardown))
+            self._threads_left = len(targets)
+            for name, body, teardown in targets:
+                thread = threading.Thread(
+                    target=self._worker, args=(name, body, teardown), name=name, daemon=True
+                )
+                self._threads.append(thread)
+            for thread in self._threads:
+                thread.start()
+        logger.debug("pipeline started: %s", ", ".join(t.name for t in self._threads))
+
+    def stop(self) -> None:
+        """Stop gracefully: sources stop producing, items in flight drain, sinks flush and tear
+        down. Returns at once (``join()`` waits). Safe from any thread and from a signal handler.
+        A second call while the pipeline is still draining escalates to ``abort()``; a call
+        after the end does nothing."""
+        with self._lock:
+            if self._started and self._threads_left == 0:
+                return
+            if not self._stop_requested.is_set():
+                self._stop_requested.set()
+                logger.info("stop requested: sources stop, items in flight drain")
+                self._changed.notify_all()
+                return
+            if not self._started or self._aborted.is_set():
+                return
+        logger.warning("stop requested again while draining: aborting")
+        self.abort()
+
+    def abort(self, reason: BaseException | None = None) -> None:
+        """Stop at once: close every buffer, which wakes every blocked stage; items in flight
+        are lost, each stage still tears down. With a ``reason`` (and no earlier error),
+        ``join()`` raises ``StageError`` from it. Idempotent; safe from any thread."""
+        with self._lock:
+            if reason is not None and self._error is None:
+                self._error = (None, reason)
+            first = not self._aborted.is_set()
+            self._abort_locked()
+        if first and reason is not None:
+            logger.warning("pipeline aborted: %s", reason)
+        elif first:
+            logger.warning("pipeline aborted")
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for every stage thread to finish.
+
+        Args:
+            timeout: seconds to wait at most; ``None`` waits for the end. On expiry it returns
+                (check ``running``) unless a stage has failed.
+
+        Raises:
+            StageError: a stage failed (the first failure; ``__cause__`` is its exception), or
+                ``abort(reason)`` was called. Raised once the threads have finished, or
+                ``join_timeout_s`` after the abort for threads that do not.
+            RuntimeError: ``start()`` was not called.
+        """
+        if not self._started:
+            raise RuntimeError("Pipeline.join() called before start()")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._changed:
+            while self._threads_left > 0:
+                now = time.monotonic()
+                waits = [_JOIN_POLL_S]
+                if self._abort_s is not None:
+                    grace_left = self._abort_s + self._join_timeout_s - now
+                    if grace_left <= 0:
+                        stuck = [t.name for t in self._threads if t.is_alive()]
+                        logger.error(
+                            "stage threads still running %.1f s after abort, left behind "
+                            "(daemon threads, they do not keep the process alive): %s",
+                            self._join_timeout_s,
+                            ", ".join(stuck),
+                        )
+                        break
+                    waits.append(grace_left)
+                if deadline is not None:
+                    if deadline - now <= 0:
+                        break
+                    waits.append(deadline - now)
+                self._changed.wait(min(waits))
+            all_done = self._threads_left == 0
+        if all_done:
+            # Each worker has run its last line; this only waits for the thread to exit.
+            for thread in self._threads:
+                thread.join(self._join_timeout_s)
+        self._raise_error()
+
+    def run(self) -> None:
+        """``start()`` then ``join()``. If the calling thread is interrupted (e.g.
+        ``KeyboardInterrupt`` without a signal handler installed), the pipeline is aborted first."""
+        self.start()
+        try:
+            self.join()
+        except StageError:
+            raise
+        except BaseException as exc:
+            self.abort(exc)
+            raise
+
+    @property
+    def running(self) -> bool:
+        """Started, and at least one stage thread has not finished."""
+        with self._lock:
+            return self._started and self._threads_left > 0
+
+    def metrics(self) -> PipelineMetrics:
+        """A snapshot of every stage, buffer and the latency; any time, from any thread."""
+        now = time.monotonic()
+        with self._lock:
+            start, end = self._start_s, self._end_s
+        wall = 0.0 if start is None else (end if end is not None else now) - start
+        stages = tuple(r.snapshot(now) for r in self._recorders.values())
+        latency_count = 0
+        samples: list[float] = []
+        for sink in self._sinks:
+            count, recent = self._recorders[sink.name].latency_samples()
+            latency_count += count
+            samples.extend(recent)
+        return PipelineMetrics(
+            wall_s=wall,
+            frames_in=sum(s.items for s in stages if s.kind is StageKind.SOURCE),
+            frames_out=max((s.items for s in stages if s.kind is StageKind.SINK), default=0),
+            latency=LatencyMetrics.from_samples(latency_count, samples),
+            stages=stages,
+            buffers=tuple(b.stats() for b in self._buffers),
+        )
+
+    # -- stage threads -----------------------------------------------------------------------
+
+    def _worker(self, name: str, body: Callable[[], None], teardown: Callable[[], None]) -> None:
+        recorder = self._recorders[name]
+        recorder.mark_started()
+        try:
+            body()
+        except BufferClosed as exc:
+            # The pipeline closed the buffers: someone else's error or an abort, not ours.
+            if not self._aborted.is_set():
+                self._fail(name, exc)
+        except BaseException as exc:
+            self._fail(name, exc)
+        finally:
+            try:
+                teardown()
+            except BaseException as exc:
+                logger.error("stage '%s': teardown failed", name, exc_info=True)
+                self._fail(name, exc, logged=True)
+            recorder.mark_finished()
+            with self._changed:
+                self._threads_left -= 1
+                if self._threads_left == 0:
+                    self._end_s = time.monotonic()
+                self._changed.notify_all()
+
+    def _source_loop(self, source: Source[Any]) -> None:
+        recorder = self._recorders[source.name]
+        source.setup()
+        iterator: Iterator[Any] = iter(source.items())
+        try:
+            while not self._stop_requested.is_set():
+                start = time.monotonic()
+                try:
+                    item = next(iterator)
+                except StopIteration:
+                    break
+                yielded = time.monotonic()
+                recorder.record_item(start, yielded)
+                self._source_outlet.put(_Envelope(item, yielded))
+        finally:
+            # Runs a generator's own cleanup (its finally blocks) here, in the source's thread.
+            close = getattr(iterator, "close", None)
+            if callable(close):
+                close()
+        with self._lock:
+            self._sources_left -= 1
+            last = self._sources_left == 0
+        if last:
+            self._source_outlet.put_end()
+
+    def _processor_loop(
+        self, processor: Processor[Any, Any], inbox: RingBuffer[_Envelope], outlet: _Outlet
+    ) -> None:
+        recorder = self._recorders[processor.name]
+        processor.setup()
+        last_stamp: float | None = None
+        while True:
+            envelope = inbox.get()
+            if envelope is END_OF_STREAM:
+                break
+            last_stamp = envelope.source_s
+            start = time.monotonic()
+            out = processor.process(envelope.item)
+            recorder.record_item(start, time.monotonic())
+            if out is not None:
+                outlet.put(_Envelope(out, envelope.source_s))
+        stamp = time.monotonic() if last_stamp is None else last_stamp
+        flushed = iter(processor.flush())
+        while True:
+            start = time.monotonic()
+            try:
+                item = next(flushed)
+            except StopIteration:
+                recorder.record_busy(start, time.monotonic())
+                break
+            recorder.record_busy(start, time.monotonic())
+            outlet.put(_Envelope(item, stamp))
+        outlet.put_end()
+
+    def _sink_loop(self, sink: Sink[Any], inbox: RingBuffer[_Envelope]) -> None:
+        recorder = self._recorders[sink.name]
+        sink.setup()
+        while True:
+            envelope = inbox.get()
+            if envelope is END_OF_STREAM:
+                break
+            start = time.monotonic()
+            sink.write(envelope.item)
+            done = time.monotonic()
+            recorder.record_item(start, done)
+            recorder.record_latency(done - envelope.source_s)
+
+    # -- failure ---------------------------------------------------------------------------
+
+    def _fail(self, name: str, exc: BaseException, *, logged: bool = False) -> None:
+        with self._lock:
+            first = self._error is None
+            if first:
+                self._error = (name, exc)
+            self._abort_locked()
+        if logged:
+            return
+        if first:
+            # join() raises it on the caller's thread; the traceback travels as __cause__.
+            logger.debug("stage '%s' failed, aborting the pipeline", name, exc_info=exc)
+        else:
+            logger.warning("stage '%s' also failed (after the first error): %r", name, exc)
+
+    def _abort_locked(self) -> None:
+        if self._aborted.is_set():
+            return
+        self._aborted.set()
+        self._stop_requested.set()
+        self._abort_s = time.monotonic()
+        for buf in self._buffers:
+            buf.close()
+        self._changed.notify_all()
+
+    def _raise_error(self) -> None:
+        with self._lock:
+            error = self._error
+        if error is None:
+            return
+        name, exc = error
+        if name is None:
+            raise StageError(f"pipeline aborted: {exc}", None) from exc
+        raise StageError(f"stage '{name}' failed: {exc}", name) from exc
+
+
+def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:
+    return lambda: fn(*args)
