@@ -83,10 +83,8 @@ class _Subscriber:
     def sync(self, sink: ZmqEventSink) -> None:
         """Beat the slow joiner: publish on stream "sync" until one arrives, then drain."""
         deadline = time.monotonic() + 10
-        index = 0
         while time.monotonic() < deadline:
-            sink.write(_packet(index, n_objects=0, stream="sync"))
-            index += 1
+            sink.post_event({"type": "sync", "stream": "sync"})
             if self.recv(0.05) is not None:
                 while self.recv(0.2) is not None:
                     pass
@@ -181,6 +179,30 @@ def test_post_event_goes_out_at_once_and_its_packet_copy_is_not_repeated() -> No
     assert rest == ["frame"]
     sink.post_event(lost2)  # after teardown: counted, not sent, no error
     assert sink.stats().dropped == 1
+
+
+def test_terse_producer_events_get_the_envelope_and_label() -> None:
+    endpoint = _endpoint()
+    sink = ZmqEventSink(ZmqSinkConfig(endpoint=endpoint, send_frames=False), CLASS_NAMES)
+    sink.setup()
+    sub = _Subscriber(endpoint)
+    try:
+        sub.sync(sink)
+        packet = _packet(12)
+        # What stages/track.py puts in packet.events.
+        packet.events.append({"event": "track_ended", "track_id": 4, "class_id": 1})
+        sink.write(packet)
+        msg = sub.recv(2.0)
+    finally:
+        sub.close()
+        sink.teardown()
+    assert msg is not None
+    topic, event = msg
+    assert topic == "cam"
+    assert event["type"] == "track_ended" and "event" not in event
+    assert (event["frame"], event["label"], event["track_id"]) == (12, "bicycle", 4)
+    assert event["pts_s"] == pytest.approx(12 / 30, abs=1e-6)
+    assert event["v"] == EVENT_SCHEMA_VERSION and event["stream"] == "cam"
 
 
 def test_a_subscriber_that_never_reads_does_not_block_and_memory_stays_capped() -> None:

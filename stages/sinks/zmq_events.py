@@ -203,7 +203,7 @@ class ZmqEventSink(StageBase[FramePacket]):
                 if key is not None and key in self._posted_keys:
                     del self._posted_keys[key]  # already sent by post_event()
                     continue
-            bodies.append(self._encode(self._complete(event, item.stream_id)))
+            bodies.append(self._encode(self._complete(event, item.stream_id, item)))
         if self.config.send_frames:
             bodies.append(encode_event(frame_event(item, self.class_names)))
         topic = item.stream_id.encode("utf-8")
@@ -249,13 +249,22 @@ class ZmqEventSink(StageBase[FramePacket]):
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _complete(self, event: Mapping[str, Any], stream_id: str) -> dict[str, Any]:
-        """A copy of ``event`` with the envelope filled in, for producers that left it out."""
+    def _complete(
+        self, event: Mapping[str, Any], stream_id: str, packet: FramePacket | None = None
+    ) -> dict[str, Any]:
+        """A copy of ``event`` with what a terse producer left out filled in: the envelope, the
+        ``frame``/``pts_s`` of the packet it rode in, and ``label`` from ``class_id``. A
+        producer's ``event`` key is taken as ``type``."""
         full = dict(event)
+        if "type" not in full and isinstance(full.get("event"), str):
+            full["type"] = full.pop("event")
         full.setdefault("v", EVENT_SCHEMA_VERSION)
         full.setdefault("stream", stream_id)
         if "time_unix_s" not in full:
             full["time_unix_s"] = round(time.time(), 6)
+        if packet is not None:
+            full.setdefault("frame", packet.index)
+            full.setdefault("pts_s", round(packet.pts_s, 6))
         class_id = full.get("class_id")
         if isinstance(class_id, int) and "label" not in full:
             full["label"] = label_for(class_id, self.class_names)
