@@ -107,7 +107,9 @@ class ArrayPool:
         name: shown in errors and repr.
     """
 
-    def __init__(self, shape: tuple[int, ...], dtype: DTypeLike, size: int, *, name: str = "") -> None:
+    def __init__(
+        self, shape: tuple[int, ...], dtype: DTypeLike, size: int, *, name: str = ""
+    ) -> None:
         if not isinstance(shape, tuple) or not all(
             isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape
         ):

@@ -186,7 +186,9 @@ class RingBuffer(Generic[T]):
             ValueError: ``put_end()`` was already called, or ``item`` is the end marker.
         """
         if item is END_OF_STREAM:
-            raise ValueError(f"buffer '{self.name}': pass the end of stream with put_end(), not put()")
+            raise ValueError(
+                f"buffer '{self.name}': pass the end of stream with put_end(), not put()"
+            )
         dropped_item: T
         with self._lock:
             self._check_open_for_put()

@@ -93,7 +93,8 @@ class BufferSpec:
     on_drop: Callable[[Any], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if isinstance(self.capacity, bool) or not isinstance(self.capacity, int) or self.capacity < 1:
+        capacity = self.capacity
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity must be an int >= 1, got {self.capacity!r}")
         if not isinstance(self.policy, OverflowPolicy):
             raise ValueError(
@@ -168,7 +169,11 @@ class Pipeline:
         _check_pairs("sinks", sinks)
         if not join_timeout_s > 0:
             raise ValueError(f"join_timeout_s must be > 0, got {join_timeout_s!r}")
-        names = [s.name for s in sources] + [p.name for p, _ in processors] + [s.name for s, _ in sinks]
+        names = [
+            *(s.name for s in sources),
+            *(p.name for p, _ in processors),
+            *(s.name for s, _ in sinks),
+        ]
         seen: set[str] = set()
         for name in names:
             if not isinstance(name, str) or not name:
@@ -208,6 +213,7 @@ class Pipeline:
         self._stop_requested = threading.Event()
         self._aborted = threading.Event()
         self._abort_s: float | None = None
+        self._left_behind_logged = False
         self._error: tuple[str | None, BaseException] | None = None
         self._start_s: float | None = None
         self._end_s: float | None = None
@@ -218,7 +224,9 @@ class Pipeline:
         """Start one thread per stage (sinks first, so they are waiting when items come)."""
         with self._lock:
             if self._started:
-                raise RuntimeError("Pipeline.start() was already called; make a new Pipeline to run again")
+                raise RuntimeError(
+                    "Pipeline.start() was already called; make a new Pipeline to run again"
+                )
             self._started = True
             self._start_s = time.monotonic()
             targets: list[tuple[str, Callable[[], None], Callable[[], None]]] = []
@@ -236,8 +244,18 @@ class Pipeline:
                     target=self._worker, args=(name, body, teardown), name=name, daemon=True
                 )
                 self._threads.append(thread)
-            for thread in self._threads:
-                thread.start()
+            for started, thread in enumerate(self._threads):
+                try:
+                    thread.start()
+                except BaseException as exc:
+                    # Out of threads: stop the ones already running instead of leaving them
+                    # blocked on buffers nobody will fill.
+                    self._threads_left -= len(self._threads) - started
+                    self._threads = self._threads[:started]
+                    if self._threads_left == 0:
+                        self._end_s = time.monotonic()
+                    self._fail(thread.name, exc)
+                    raise
         logger.debug("pipeline started: %s", ", ".join(t.name for t in self._threads))
 
     def stop(self) -> None:
@@ -293,17 +311,10 @@ class Pipeline:
                 now = time.monotonic()
                 waits = [_JOIN_POLL_S]
                 if self._abort_s is not None:
-                    grace_left = self._abort_s + self._join_timeout_s - now
-                    if grace_left <= 0:
-                        stuck = [t.name for t in self._threads if t.is_alive()]
-                        logger.error(
-                            "stage threads still running %.1f s after abort, left behind "
-                            "(daemon threads, they do not keep the process alive): %s",
-                            self._join_timeout_s,
-                            ", ".join(stuck),
-                        )
+                    if self._abort_grace_over(now):
+                        self._log_left_behind()
                         break
-                    waits.append(grace_left)
+                    waits.append(self._abort_s + self._join_timeout_s - now)
                 if deadline is not None:
                     if deadline - now <= 0:
                         break
@@ -330,9 +341,13 @@ class Pipeline:
 
     @property
     def running(self) -> bool:
-        """Started, and at least one stage thread has not finished."""
+        """Started, and at least one stage thread has not finished; threads still stuck
+        ``join_timeout_s`` after an abort are left behind and no longer count, so a loop of
+        ``while p.running: p.join(timeout=...)`` always ends."""
         with self._lock:
-            return self._started and self._threads_left > 0
+            if not self._started or self._threads_left == 0:
+                return False
+            return not self._abort_grace_over(time.monotonic())
 
     def metrics(self) -> PipelineMetrics:
         """A snapshot of every stage, buffer and the latency; any time, from any thread."""
@@ -474,6 +489,21 @@ class Pipeline:
         for buf in self._buffers:
             buf.close()
         self._changed.notify_all()
+
+    def _abort_grace_over(self, now: float) -> bool:
+        return self._abort_s is not None and now - self._abort_s >= self._join_timeout_s
+
+    def _log_left_behind(self) -> None:
+        if self._left_behind_logged:
+            return
+        self._left_behind_logged = True
+        stuck = [t.name for t in self._threads if t.is_alive()]
+        logger.error(
+            "stage threads still running %.1f s after abort, left behind (daemon threads, "
+            "they do not keep the process alive): %s",
+            self._join_timeout_s,
+            ", ".join(stuck),
+        )
 
     def _raise_error(self) -> None:
         with self._lock:

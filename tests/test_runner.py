@@ -357,6 +357,8 @@ def test_a_stage_stuck_outside_the_buffers_is_left_behind_after_join_timeout(
         assert any("stuck" in r.getMessage() for r in caplog.records)
         left = [t for t in threading.enumerate() if t.name == "stuck"]
         assert left and all(t.daemon for t in left)  # cannot keep the process alive
+        # Left behind: no longer counted, so the CLI's `while running: join(timeout)` ends.
+        assert not pipe.running
     finally:
         gate.set()
     _wait_for(lambda: not _our_threads("stuck"))
@@ -365,7 +367,9 @@ def test_a_stage_stuck_outside_the_buffers_is_left_behind_after_join_timeout(
 
 def test_abort_with_a_reason_is_raised_from_join() -> None:
     pipe = Pipeline(
-        [CountingSource(n=None)], [(Square(), BufferSpec(capacity=1))], [(CollectSink(), BufferSpec())]
+        [CountingSource(n=None)],
+        [(Square(), BufferSpec(capacity=1))],
+        [(CollectSink(), BufferSpec())],
     )
     pipe.start()
     pipe.abort(TimeoutError("watchdog: no frame for 10 s"))
@@ -510,3 +514,26 @@ def test_drop_oldest_in_front_of_a_slow_processor_drops_instead_of_blocking() ->
     b = pipe.metrics().buffers[0]
     assert (b.put_count, b.get_count, b.dropped, b.level) == (100, 5, 95, 0)
     assert pipe.metrics().dropped == 95
+
+
+def test_a_thread_that_cannot_start_stops_those_already_running(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Mocked: running out of OS threads cannot be provoked safely on a shared machine.
+    real_start = threading.Thread.start
+
+    def start(thread: threading.Thread) -> None:
+        if thread.name == "src":  # sources start last: sink and square are already waiting
+            raise RuntimeError("can't start new thread")
+        real_start(thread)
+
+    monkeypatch.setattr(threading.Thread, "start", start)
+    sink, sq = CollectSink(), Square()
+    pipe = Pipeline([CountingSource()], [(sq, BufferSpec())], [(sink, BufferSpec())])
+    with pytest.raises(RuntimeError, match="can't start"):
+        pipe.start()
+    with pytest.raises(StageError, match="stage 'src' failed: can't start new thread"):
+        pipe.join(timeout=BOUND_S)
+    assert not pipe.running
+    assert _our_threads("square", "sink") == []
+    assert sink.trace.teardowns == sq.trace.teardowns == 1
