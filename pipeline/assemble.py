@@ -1,0 +1,169 @@
+"""Build a runnable ``Pipeline`` from an ``AppConfig``.
+
+The shape is fixed: sources → preprocess → inference → tracking (optional) → sinks (fan-out).
+What changes with the sources is the buffer policy: with files every buffer blocks, so no frame
+is ever lost; with any live source the buffers in front of the processors and sinks drop their
+oldest frame and are kept short, so the newest frame is always the next one processed and
+latency cannot build up. Drops are counted per buffer in the metrics.
+
+Each stage receives only its own section of the config.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pipeline.config import AppConfig, SourceConfig
+from pipeline.ring_buffer import OverflowPolicy
+from pipeline.runner import BufferSpec, Pipeline
+from pipeline.schema import ConfigError
+from pipeline.stage import Processor, Sink
+from stages.decode import FileSource
+from stages.frame import FramePacket
+from stages.infer import InferConfig, InferenceStage, make_backend
+from stages.live import LiveSource
+from stages.preprocess import PreprocessConfig, PreprocessDevice, Preprocessor
+from stages.sinks.jsonl import JsonLinesSink
+from stages.sinks.mot import MotSink
+from stages.sinks.rtsp_publish import RtspPublishSink
+from stages.sinks.video import VideoFileSink
+from stages.sinks.zmq_events import ZmqEventSink
+from stages.track import Tracker
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class AssembledPipeline:
+    """A pipeline ready to start, with what the CLI shows about it."""
+
+    pipeline: Pipeline
+    sources: Sequence[FileSource | LiveSource]
+    live: bool
+    outputs: list[str] = field(default_factory=list)
+
+    def total_frames(self) -> int | None:
+        """Frames expected from all sources, when every source is a file that knows its length."""
+        if self.live:
+            return None
+        totals = [s.total_frames for s in self.sources if isinstance(s, FileSource)]
+        if not totals or any(t is None for t in totals):
+            return None
+        return sum(t for t in totals if t is not None)
+
+    def output_summary(self) -> list[str]:
+        return [f"wrote {o}" for o in self.outputs]
+
+
+def build_pipeline(config: AppConfig) -> AssembledPipeline:
+    """The pipeline ``config`` describes; raises ``ConfigError`` or ``FileNotFoundError``
+    (one line each) for what can be checked before any thread starts."""
+    if not config.sources:
+        raise ConfigError("no source: give --source PATH_OR_URL or list 'sources' in the config")
+    _check_stream_ids(config.sources)
+    for source_config in config.sources:
+        if source_config.file is not None and not Path(source_config.file.path).is_file():
+            raise FileNotFoundError(
+                f"video file not found: {source_config.file.path} (check --source or sources[].file.path)"
+            )
+    if config.model.model is not None and not Path(config.model.model).is_file():
+        raise FileNotFoundError(f"model file not found: {config.model.model} (check --model)")
+
+    live = any(s.live is not None for s in config.sources)
+    if live:
+        spec = BufferSpec(config.buffers.live_capacity, OverflowPolicy.DROP_OLDEST)
+    else:
+        spec = BufferSpec(config.buffers.capacity, OverflowPolicy.BLOCK)
+
+    sources = [_make_source(s) for s in config.sources]
+    processors = _make_processors(config)
+    class_names = model_class_names(config.model)
+    sinks, outputs = _make_sinks(config, class_names)
+    if not sinks:
+        logger.warning("no outputs configured: detections are computed but not saved "
+                       "(add --output, --jsonl, --mot or --zmq)")
+    pipeline = Pipeline(
+        sources,
+        [(p, spec) for p in processors],
+        [(s, spec) for s in sinks],
+    )
+    return AssembledPipeline(pipeline=pipeline, sources=sources, live=live, outputs=outputs)
+
+
+def model_class_names(config: InferConfig) -> list[str]:
+    """Class names, index = label: from an ONNX file's metadata when it carries them, else COCO
+    for 80 classes, else ``class_<i>``. Read here, before any thread starts, so every sink can
+    be given them."""
+    from dfine.backends.class_names import resolve_class_names
+
+    path = Path(config.model) if config.model is not None else None
+    if path is not None and path.suffix == ".onnx":
+        import onnx
+
+        try:
+            proto = onnx.load(str(path), load_external_data=False)
+        except Exception as exc:  # onnx raises assorted protobuf/IO errors for a bad file
+            raise ValueError(f"not an ONNX model: {path} ({type(exc).__name__}); "
+                             "give an .onnx exported by 'finestream export' or D-FINE's tools") from None
+        meta = {p.key: p.value for p in proto.metadata_props}
+        if "class_names" in meta:
+            names = json.loads(meta["class_names"])
+            return resolve_class_names(len(names), names)
+    return resolve_class_names(config.num_classes)
+
+
+def _check_stream_ids(sources: Sequence[SourceConfig]) -> None:
+    seen: set[str] = set()
+    for i, source in enumerate(sources):
+        if source.stream_id in seen:
+            raise ConfigError(
+                f"sources[{i}]: stream_id {source.stream_id!r} is used twice; give each source its own"
+            )
+        seen.add(source.stream_id)
+
+
+def _make_source(config: SourceConfig) -> FileSource | LiveSource:
+    if config.file is not None:
+        return FileSource(config.file)
+    assert config.live is not None  # SourceConfig guarantees one of the two
+    return LiveSource(config.live)
+
+
+def _make_processors(config: AppConfig) -> list[Processor[FramePacket, FramePacket]]:
+    model = config.model
+    preprocess = Preprocessor(
+        PreprocessConfig(input_size=model.imgsz, device=PreprocessDevice(model.device.value))
+    )
+    infer = InferenceStage(model, lambda: make_backend(model))
+    processors: list[Processor[FramePacket, FramePacket]] = [preprocess, infer]
+    if config.track is not None:
+        processors.append(Tracker(config.track))
+    return processors
+
+
+def _make_sinks(config: AppConfig, class_names: list[str]) -> tuple[list[Sink[FramePacket]], list[str]]:
+    out = config.outputs
+    sinks: list[Sink[FramePacket]] = []
+    outputs: list[str] = []
+    if out.video is not None:
+        sinks.append(VideoFileSink(out.video, class_names))
+        outputs.append(f"annotated video: {out.video.path}")
+    if out.jsonl is not None:
+        sinks.append(JsonLinesSink(out.jsonl, class_names))
+        outputs.append(f"detections (JSON lines): {out.jsonl.path}")
+    if out.mot is not None:
+        sinks.append(MotSink(out.mot))
+        outputs.append(f"tracks (MOTChallenge): {out.mot.path}")
+    if out.zmq is not None:
+        sinks.append(ZmqEventSink(out.zmq, class_names))
+        outputs.append(f"events (ZeroMQ): {out.zmq.endpoint}")
+    if out.rtsp is not None:
+        sinks.append(RtspPublishSink(out.rtsp, class_names))
+        outputs.append(f"annotated stream (RTSP): {out.rtsp.url}")
+    return sinks, outputs
+
+

@@ -1,0 +1,257 @@
+"""The ``finestream`` command line: ``run``, ``export`` and ``listen``.
+
+The only module that configures logging, installs signal handlers and writes to the terminal.
+Every error that reaches the user is one line, ``finestream: error: ...``, and a non-zero exit:
+2 for bad usage or config, 1 for a failure while running, 130 after an interrupt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TextIO
+
+from pipeline.assemble import AssembledPipeline, build_pipeline
+from pipeline.config import AppConfig, CliOverrides, apply_overrides, load_config
+from pipeline.runner import StageError
+from pipeline.schema import ConfigError
+
+logger = logging.getLogger("finestream")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+_DISPLAY_PERIOD_S = 0.5
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        code: int = args.handler(args)
+        return code
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        _error(str(exc))
+        return EXIT_USAGE
+    except StageError as exc:
+        _error(str(exc))
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="finestream",
+        description="Real-time video analytics with the D-FINE detector.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser(
+        "run",
+        help="decode, detect, track and write outputs",
+        description="Run the pipeline. Flags override the CONFIG file; without CONFIG the "
+        "bundled defaults (configs/default.yaml values) apply.",
+    )
+    run.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
+    run.add_argument("--source", action="append", metavar="PATH_OR_URL",
+                     help="video file or stream URL; repeat for several sources")
+    run.add_argument("--model", metavar="CKPT_OR_ONNX_OR_ENGINE",
+                     help="official-layout .pth, .onnx, or TensorRT .engine")
+    run.add_argument("--size", choices=["n", "s", "m", "l", "x"], help="D-FINE size of a .pth")
+    run.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"])
+    run.add_argument("--imgsz", type=int, help="model input size (multiple of 32)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to preprocess and infer")
+    run.add_argument("--threshold", type=float, help="score threshold for detections")
+    run.add_argument("--output", type=Path, metavar="OUT_MP4", help="annotated MP4")
+    run.add_argument("--jsonl", type=Path, metavar="OUT_JSONL", help="detections, one line per frame")
+    run.add_argument("--mot", type=Path, metavar="OUT_TXT", help="tracks in MOTChallenge format")
+    run.add_argument("--zmq", metavar="ENDPOINT", help="publish events on a ZeroMQ PUB socket")
+    run.add_argument("--publish", metavar="RTSP_URL", help="re-stream the annotated video")
+    run.add_argument("--stats", type=Path, metavar="OUT_JSON", help="write run metrics as JSON")
+    run.add_argument("--realtime", action="store_true", help="pace files at their native frame rate")
+    run.add_argument("--no-progress", action="store_true", help="no live progress line")
+    run.set_defaults(handler=_cmd_run)
+
+    export = commands.add_parser(
+        "export",
+        help="export a checkpoint to ONNX or a TensorRT engine",
+        description="Export an official-layout D-FINE checkpoint to ONNX (postprocessing inside "
+        "the graph), and optionally build a TensorRT engine from it.",
+    )
+    export.add_argument("checkpoint", type=Path, help="official-layout .pth")
+    export.add_argument("--size", required=True, choices=["n", "s", "m", "l", "x"])
+    export.add_argument("--num-classes", type=int, default=80)
+    export.add_argument("--imgsz", type=int, default=640)
+    export.add_argument("--opset", type=int, default=17)
+    export.add_argument("--output", type=Path, help="ONNX path (default: beside the checkpoint)")
+    export.add_argument("--tensorrt", action="store_true",
+                        help="also build a TensorRT engine (needs the tensorrt extra)")
+    export.add_argument("--max-batch", type=int, default=8)
+    export.set_defaults(handler=_cmd_export)
+
+    listen = commands.add_parser("listen", help="print the events a pipeline publishes over ZeroMQ")
+    listen.add_argument("endpoint", help="e.g. tcp://127.0.0.1:5555")
+    listen.add_argument("--count", type=int, help="stop after this many messages")
+    listen.add_argument("--timeout", type=float, help="stop after this many seconds")
+    listen.set_defaults(handler=_cmd_listen)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config) if args.config else AppConfig()
+    config = apply_overrides(
+        config,
+        CliOverrides(
+            sources=tuple(args.source or ()),
+            model=args.model,
+            size=args.size,
+            backend=args.backend,
+            imgsz=args.imgsz,
+            device=args.device,
+            score_threshold=args.threshold,
+            video=args.output,
+            jsonl=args.jsonl,
+            mot=args.mot,
+            zmq=args.zmq,
+            publish=args.publish,
+            realtime=True if args.realtime else None,
+        ),
+    )
+    assembled = build_pipeline(config)
+    interrupted = _run_with_signals(assembled, show_progress=not args.no_progress)
+    metrics = assembled.pipeline.metrics()
+    print(metrics.format_table(), file=sys.stderr)
+    if args.stats:
+        args.stats.parent.mkdir(parents=True, exist_ok=True)
+        args.stats.write_text(json.dumps(metrics.to_dict(), indent=2))
+    for line in assembled.output_summary():
+        print(line, file=sys.stderr)
+    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+
+
+def _run_with_signals(assembled: AssembledPipeline, *, show_progress: bool) -> bool:
+    """Run to the end; SIGINT/SIGTERM drain in-flight frames and close outputs. True if interrupted."""
+    pipeline = assembled.pipeline
+    interrupted = False
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        nonlocal interrupted
+        if interrupted:
+            logger.warning("second interrupt: aborting without draining")
+        else:
+            logger.warning("%s: finishing frames in flight and closing outputs (again to abort)",
+                           signal.Signals(signum).name)
+        interrupted = True
+        pipeline.stop()  # a second stop() while draining aborts
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    display = _ProgressDisplay(assembled, sys.stderr) if show_progress else None
+    try:
+        pipeline.start()
+        while pipeline.running:
+            pipeline.join(timeout=_DISPLAY_PERIOD_S)
+            if display:
+                display.update()
+        pipeline.join()
+    finally:
+        if display:
+            display.close()
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return interrupted
+
+
+class _ProgressDisplay:
+    """A progress bar for files (frames, fps, ETA) or a status line for live sources."""
+
+    def __init__(self, assembled: AssembledPipeline, stream: TextIO) -> None:
+        self._assembled = assembled
+        self._stream = stream
+        self._is_tty = stream.isatty()
+        self._last_plain_s = 0.0
+        self._width = 0
+
+    def update(self) -> None:
+        metrics = self._assembled.pipeline.metrics()
+        total = self._assembled.total_frames()
+        if self._assembled.live or not total:
+            text = metrics.status_line()
+        else:
+            done = metrics.frames_out
+            fps = done / metrics.wall_s if metrics.wall_s > 0 else 0.0
+            eta = (total - done) / fps if fps > 0 else float("nan")
+            filled = int(20 * min(done / total, 1.0))
+            text = (f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{total} frames "
+                    f"{fps:.1f} fps ETA {eta:.0f} s | drops {metrics.dropped}")
+        if self._is_tty:
+            self._stream.write("\r" + text.ljust(self._width))
+            self._width = len(text)
+        elif time.monotonic() - self._last_plain_s >= 5.0:  # logs: a line every 5 s, no \r
+            self._stream.write(text + "\n")
+            self._last_plain_s = time.monotonic()
+        self._stream.flush()
+
+    def close(self) -> None:
+        if self._is_tty and self._width:
+            self._stream.write("\n")
+            self._stream.flush()
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from dfine.export import export_from_checkpoint
+
+    if not args.checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint} (check the path)")
+    onnx_path = args.output or args.checkpoint.with_suffix(f".{args.imgsz}.onnx")
+    export_from_checkpoint(args.checkpoint, args.size, args.num_classes, onnx_path, args.imgsz, args.opset)
+    print(f"wrote {onnx_path}", file=sys.stderr)
+
+    from dfine.backends.tensorrt_build import trtexec_command
+
+    engine_path = onnx_path.with_suffix(".engine")
+    command = trtexec_command(onnx_path, engine_path, max_batch=args.max_batch)
+    if args.tensorrt:
+        from dfine.backends.tensorrt_build import build_engine
+
+        build_engine(onnx_path, engine_path, max_batch=args.max_batch)
+        print(f"wrote {engine_path}", file=sys.stderr)
+    else:
+        print(f"to build a TensorRT engine by hand:\n  {command}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    from stages.sinks.zmq_events import listen
+
+    listen(args.endpoint, count=args.count, timeout_s=args.timeout, out=sys.stdout)
+    return EXIT_OK
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="finestream: %(levelname)s: %(message)s" if not verbose
+        else "%(asctime)s %(threadName)s %(name)s %(levelname)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _error(message: str) -> None:
+    first_line = message.strip().splitlines()[0] if message.strip() else "unknown error"
+    print(f"finestream: error: {first_line}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""The run configuration: one YAML file per deployment, validated at load.
+
+Sections: ``sources`` (files or stream URLs), ``model`` (the inference stage's section; the
+preprocessor takes its input size and device from it), ``track`` (the tracker's own section,
+``null`` turns tracking off), ``outputs`` and ``buffers``. Unknown keys and wrong types are refused
+with the key's full path (see ``pipeline.schema``). CLI flags override the file through
+``apply_overrides``. ``configs/`` holds complete examples; every key and default is listed in the
+README's config reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from pipeline.schema import ConfigError, from_dict
+from stages.decode import DecodeConfig
+from stages.infer import Backend, Device, InferConfig
+from stages.live import LiveSourceConfig
+from stages.sinks.jsonl import JsonLinesSinkConfig
+from stages.sinks.mot import MotSinkConfig
+from stages.sinks.rtsp_publish import RtspPublishConfig
+from stages.sinks.video import VideoSinkConfig
+from stages.sinks.zmq_events import ZmqSinkConfig
+from stages.track import TrackConfig
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One source: exactly one of ``file`` (a video file) or ``live`` (a stream URL)."""
+
+    file: DecodeConfig | None = None
+    live: LiveSourceConfig | None = None
+
+    def __post_init__(self) -> None:
+        if (self.file is None) == (self.live is None):
+            raise ValueError("a source needs exactly one of 'file' or 'live'")
+
+    @property
+    def stream_id(self) -> str:
+        return self.file.stream_id if self.file is not None else self.live.stream_id  # type: ignore[union-attr]
+
+    @classmethod
+    def from_uri(cls, uri: str, stream_id: str) -> SourceConfig:
+        """A URL with a scheme (rtsp://, http://...) is live; anything else is a file."""
+        scheme, sep, _ = uri.partition("://")
+        if sep and scheme.lower() != "file":
+            return cls(live=LiveSourceConfig(url=uri, stream_id=stream_id))
+        return cls(file=DecodeConfig(path=uri.removeprefix("file://"), stream_id=stream_id))
+
+
+@dataclass(frozen=True)
+class OutputsConfig:
+    """Where results go; each is off when absent."""
+
+    video: VideoSinkConfig | None = None
+    jsonl: JsonLinesSinkConfig | None = None
+    mot: MotSinkConfig | None = None
+    zmq: ZmqSinkConfig | None = None
+    rtsp: RtspPublishConfig | None = None
+
+
+@dataclass(frozen=True)
+class BuffersConfig:
+    """Ring-buffer sizes. Files block when a buffer is full (no frame is ever lost); live
+    sources drop the oldest frame instead, and their buffers are kept short so the newest frame
+    is always next."""
+
+    capacity: int = 8
+    live_capacity: int = 2
+
+    def __post_init__(self) -> None:
+        if self.capacity < 1 or self.live_capacity < 1:
+            raise ValueError("capacity and live_capacity must be >= 1")
+
+
+@dataclass(frozen=True)
+class AppConfig:
+    sources: tuple[SourceConfig, ...] = ()
+    model: InferConfig = field(default_factory=InferConfig)
+    track: TrackConfig | None = field(default_factory=TrackConfig)
+    outputs: OutputsConfig = field(default_factory=OutputsConfig)
+    buffers: BuffersConfig = field(default_factory=BuffersConfig)
+
+
+@dataclass(frozen=True)
+class CliOverrides:
+    """Values given on the command line; ``None`` (or empty) leaves the config's value."""
+
+    sources: tuple[str, ...] = ()
+    model: str | None = None
+    size: str | None = None
+    backend: str | None = None
+    imgsz: int | None = None
+    device: str | None = None
+    score_threshold: float | None = None
+    video: Path | None = None
+    jsonl: Path | None = None
+    mot: Path | None = None
+    zmq: str | None = None
+    publish: str | None = None
+    realtime: bool | None = None
+
+
+def load_config(path: Path) -> AppConfig:
+    """Read and validate a YAML config; errors name the file and the key path."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (see configs/ for examples)")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    try:
+        return from_dict(AppConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
+def apply_overrides(config: AppConfig, cli: CliOverrides) -> AppConfig:
+    """The config with the command line's values put in (each re-validated)."""
+    try:
+        return _apply_overrides(config, cli)
+    except ConfigError:
+        raise
+    except ValueError as exc:
+        raise ConfigError(f"command line: {exc}") from None
+
+
+def _apply_overrides(config: AppConfig, cli: CliOverrides) -> AppConfig:
+    sources = config.sources
+    if cli.sources:
+        sources = tuple(SourceConfig.from_uri(uri, str(i)) for i, uri in enumerate(cli.sources))
+    if cli.realtime is not None:
+        sources = tuple(
+            dataclasses.replace(s, file=dataclasses.replace(s.file, realtime=cli.realtime))
+            if s.file is not None else s
+            for s in sources
+        )
+
+    model_changes: dict[str, object] = {}
+    if cli.model is not None:
+        model_changes["model"] = cli.model
+    for key, value in (("size", cli.size), ("imgsz", cli.imgsz),
+                       ("score_threshold", cli.score_threshold)):
+        if value is not None:
+            model_changes[key] = value
+    if cli.backend is not None:
+        model_changes["backend"] = Backend(cli.backend)
+    if cli.device is not None:
+        model_changes["device"] = Device(cli.device)
+    model = dataclasses.replace(config.model, **model_changes)  # type: ignore[arg-type]
+
+    outputs = config.outputs
+    if cli.video is not None:
+        outputs = dataclasses.replace(outputs, video=VideoSinkConfig(path=str(cli.video)))
+    if cli.jsonl is not None:
+        outputs = dataclasses.replace(outputs, jsonl=JsonLinesSinkConfig(path=str(cli.jsonl)))
+    if cli.mot is not None:
+        outputs = dataclasses.replace(outputs, mot=MotSinkConfig(path=str(cli.mot)))
+    if cli.zmq is not None:
+        outputs = dataclasses.replace(outputs, zmq=ZmqSinkConfig(endpoint=cli.zmq))
+    if cli.publish is not None:
+        outputs = dataclasses.replace(outputs, rtsp=RtspPublishConfig(url=cli.publish))
+    return dataclasses.replace(config, sources=sources, model=model, outputs=outputs)
