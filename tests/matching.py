@@ -6,6 +6,7 @@ one-to-one Hungarian match (same label, nearest box), then matched boxes and sco
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +20,7 @@ class MatchReport:
     max_score: float  # largest |score difference| over the same pairs
 
 
-def match_detections(
-    ref: tuple[np.ndarray, np.ndarray, np.ndarray], got: tuple[np.ndarray, np.ndarray, np.ndarray]
-) -> MatchReport:
+def match_detections(ref: Sequence[np.ndarray], got: Sequence[np.ndarray]) -> MatchReport:
     """Match one image's detections: each of ``ref``/``got`` is labels ``(K,)``, boxes
     ``(K, 4)`` xyxy, scores ``(K,)``."""
     ref_labels, ref_boxes, ref_scores = (np.asarray(a) for a in ref)
