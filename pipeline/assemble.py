@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pipeline.config import AppConfig, SourceConfig
 from pipeline.ring_buffer import OverflowPolicy
@@ -58,6 +59,26 @@ class AssembledPipeline:
     def output_summary(self) -> list[str]:
         return [f"wrote {o}" for o in self.outputs]
 
+    def stop(self) -> None:
+        """Graceful stop (SIGINT/SIGTERM): live sources also break out of reads and back-off
+        waits at once instead of after their timeouts."""
+        self.pipeline.stop()
+        for source in self.sources:
+            if isinstance(source, LiveSource):
+                source.request_stop()
+
+    def input_losses(self) -> list[str]:
+        """One line per file source that ended early (a truncated file), after the run."""
+        losses = []
+        for source in self.sources:
+            if isinstance(source, FileSource) and source.frames_lost_estimate:
+                total = source.frames_decoded + source.frames_lost_estimate
+                losses.append(
+                    f"{source.config.path}: decoded {source.frames_decoded} of ~{total} frames; "
+                    f"the file is truncated (outputs hold the {source.frames_decoded} decoded frames)"
+                )
+        return losses
+
 
 def build_pipeline(config: AppConfig) -> AssembledPipeline:
     """The pipeline ``config`` describes; raises ``ConfigError`` or ``FileNotFoundError``
@@ -72,6 +93,14 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
             )
     if config.model.model is not None and not Path(config.model.model).is_file():
         raise FileNotFoundError(f"model file not found: {config.model.model} (check --model)")
+    if config.model.model is None:
+        # Said here, once per run, whatever the backend and whether an export is cached.
+        logger.warning(
+            "NO MODEL GIVEN: D-FINE-%s runs with UNTRAINED random weights, so every box and "
+            "label is MEANINGLESS. Download an official checkpoint (e.g. dfine_%s_coco.pth from "
+            "the D-FINE GitHub releases, github.com/Peterande/D-FINE) and pass --model.",
+            config.model.size.upper(), config.model.size,
+        )
 
     live = any(s.live is not None for s in config.sources)
     if live:
@@ -79,10 +108,13 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
     else:
         spec = BufferSpec(config.buffers.capacity, OverflowPolicy.BLOCK)
 
-    sources = [_make_source(s) for s in config.sources]
     processors = _make_processors(config)
     class_names = model_class_names(config.model)
     sinks, outputs = _make_sinks(config, class_names)
+    event_sink = next((s for s in sinks if isinstance(s, ZmqEventSink)), None)
+    # source_lost/restored go out over ZeroMQ at once, even while no frames flow.
+    on_event = event_sink.post_event if event_sink is not None else None
+    sources = [_make_source(s, on_event) for s in config.sources]
     if not sinks:
         logger.warning("no outputs configured: detections are computed but not saved "
                        "(add --output, --jsonl, --mot or --zmq)")
@@ -90,6 +122,9 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
         sources,
         [(p, spec) for p in processors],
         [(s, spec) for s in sinks],
+        # After a failure, a stage stuck in native code is given this long; with the CLI's
+        # exit that keeps "failure to exit" within 5 s.
+        join_timeout_s=3.0,
     )
     return AssembledPipeline(pipeline=pipeline, sources=sources, live=live, outputs=outputs)
 
@@ -126,11 +161,13 @@ def _check_stream_ids(sources: Sequence[SourceConfig]) -> None:
         seen.add(source.stream_id)
 
 
-def _make_source(config: SourceConfig) -> FileSource | LiveSource:
+def _make_source(
+    config: SourceConfig, on_event: Callable[[dict[str, Any]], None] | None
+) -> FileSource | LiveSource:
     if config.file is not None:
         return FileSource(config.file)
     assert config.live is not None  # SourceConfig guarantees one of the two
-    return LiveSource(config.live)
+    return LiveSource(config.live, on_event=on_event)
 
 
 def _make_processors(config: AppConfig) -> list[Processor[FramePacket, FramePacket]]:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +39,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = _build_parser()
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
+    code = _handle(args)
+    if argv is None and any(t.is_alive() for t in threading.enumerate()
+                            if t is not threading.current_thread()):
+        # A stage thread stuck in native code (a model export, a network read) after a
+        # failure: the runner has left it behind, and letting the interpreter tear down
+        # under it can crash native libraries on the way out. Outputs are already closed.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _handle(args: argparse.Namespace) -> int:
     try:
         code: int = args.handler(args)
         return code
@@ -138,7 +153,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
         args.stats.write_text(json.dumps(metrics.to_dict(), indent=2))
     for line in assembled.output_summary():
         print(line, file=sys.stderr)
-    return EXIT_INTERRUPTED if interrupted else EXIT_OK
+    if interrupted:
+        return EXIT_INTERRUPTED
+    losses = assembled.input_losses()
+    if losses:
+        _error(losses[0])
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def _run_with_signals(assembled: AssembledPipeline, *, show_progress: bool) -> bool:
@@ -154,17 +175,27 @@ def _run_with_signals(assembled: AssembledPipeline, *, show_progress: bool) -> b
             logger.warning("%s: finishing frames in flight and closing outputs (again to abort)",
                            signal.Signals(signum).name)
         interrupted = True
-        pipeline.stop()  # a second stop() while draining aborts
+        assembled.stop()  # a second stop() while draining aborts
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     display = _ProgressDisplay(assembled, sys.stderr) if show_progress else None
     try:
         pipeline.start()
-        while pipeline.running:
-            pipeline.join(timeout=_DISPLAY_PERIOD_S)
-            if display:
-                display.update()
-        pipeline.join()
+        try:
+            while pipeline.running:
+                pipeline.join(timeout=_DISPLAY_PERIOD_S)
+                if display:
+                    display.update()
+            pipeline.join()
+        except StageError:
+            # join() reports a failure at once; let every stage finish its teardown (bounded
+            # by the runner's join timeout) so outputs are closed before the process exits.
+            while pipeline.running:
+                try:
+                    pipeline.join(timeout=_DISPLAY_PERIOD_S)
+                except StageError:
+                    pass
+            raise
     finally:
         if display:
             display.close()

@@ -388,7 +388,9 @@ class Pipeline:
             try:
                 teardown()
             except BaseException as exc:
-                logger.error("stage '%s': teardown failed", name, exc_info=True)
+                # One line for the user; the traceback only with debug logging.
+                logger.error("stage '%s': teardown failed: %s", name, exc)
+                logger.debug("stage '%s': teardown traceback", name, exc_info=True)
                 self._fail(name, exc, logged=True)
             recorder.mark_finished()
             with self._changed:
