@@ -75,7 +75,8 @@ class InferConfig:
         model: a ``.pth`` checkpoint (official trainer layout), an ``.onnx`` deploy export or a
             TensorRT ``.engine``; ``None`` runs untrained random weights (demo only).
         size: D-FINE size of a checkpoint or of the untrained model ("n" ... "x").
-        num_classes: classes of a checkpoint or of the untrained model.
+        num_classes: classes of a checkpoint or of the untrained model (ONNX files and engines
+            carry their own; it still bounds ``classes``).
         imgsz: side S of the square model input (must match an ONNX file's or engine's input).
         device: where the model runs (ONNX Runtime: picks the CUDA provider when "cuda"/"auto").
         fp16: torch on CUDA only: FP16 autocast (norms stay FP32). TensorRT engines carry their
@@ -358,6 +359,11 @@ class InferenceStage(StageBase[FramePacket]):
             raise ValueError(
                 f"the model takes {h}x{w} images but model.imgsz is {self.config.imgsz}; "
                 f"set imgsz to {h}" + (" (the model is not square)" if h != w else "")
+            )
+        if self.config.classes is not None and max(self.config.classes) >= len(backend.class_names):
+            raise ValueError(
+                f"model.classes {list(self.config.classes)} names a class the model does not have "
+                f"(it has {len(backend.class_names)}: 0..{len(backend.class_names) - 1})"
             )
         self._backend = backend
         logger.info(

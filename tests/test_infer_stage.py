@@ -137,6 +137,12 @@ def test_stage_refuses_a_size_mismatch(official_onnx: Path) -> None:
         stage.setup()
 
 
+def test_stage_refuses_classes_the_model_lacks(ort_backend: OnnxRuntimeBackend) -> None:
+    config = InferConfig(num_classes=365, classes=(0, 300))
+    with pytest.raises(ValueError, match=r"names a class the model does not have \(it has 80"):
+        InferenceStage(config, lambda: ort_backend).setup()
+
+
 def test_stage_needs_setup(ort_backend: OnnxRuntimeBackend, frame_rgb: np.ndarray) -> None:
     stage = InferenceStage(InferConfig(), lambda: ort_backend)
     with pytest.raises(RuntimeError, match="setup"):
