@@ -181,14 +181,15 @@ class TensorRTBackend:
         else:
             self.batch_range = (image_shape[0], image_shape[0])
 
-        # One buffer per I/O tensor, sized for the largest batch; a call uses the first B rows.
+        # One buffer per output, sized for the largest batch; a call uses the first B rows.
+        # Inputs need none: the caller's device tensors are bound in place.
         max_batch = self.batch_range[1]
         for name in inputs:
             shape = dims_list(engine.get_tensor_shape(name))
             shape[0] = max_batch
             self._context.set_input_shape(name, trt.Dims(shape))
         self._buffers: dict[str, torch.Tensor] = {}
-        for name in names:
+        for name in outputs:
             shape = dims_list(self._context.get_tensor_shape(name))
             if any(d < 0 for d in shape):
                 raise CheckpointError(
@@ -259,7 +260,8 @@ class TensorRTBackend:
             for name in self._output_names:
                 shape = dims_list(self._context.get_tensor_shape(name))
                 buffer = self._buffers[name]
-                # A leading slice of a contiguous buffer is contiguous and starts at its base.
+                # A leading slice of a contiguous buffer is contiguous and starts at its base,
+                # so the same address serves every batch size.
                 outputs[name] = buffer[: shape[0]].view(shape)
                 self._context.set_tensor_address(name, buffer.data_ptr())
             if not self._context.execute_async_v3(stream.cuda_stream):
