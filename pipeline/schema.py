@@ -85,7 +85,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return tuple(items) if origin is tuple else items
     if tp is Any:
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if isinstance(tp, type) and issubclass(tp, enum.Enum):
         for member in tp:
