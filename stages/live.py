@@ -7,9 +7,10 @@ or a stall are all treated as a *loss*, and the source reconnects with capped ex
 backoff (forever by default). Frame ``index`` and ``pts_s`` carry on across reconnects.
 
 Latency choices, measured against ../shared/rtsp/serve.py (a publisher stamping the wall clock
-into the pixels, read back through the server): ``probesize=32`` gives the first frame in under 0.1 s instead
-of about 1 s; slice-threaded decoding adds nothing, while frame threading holds back one frame
-per extra thread (+67 ms at 30 fps with 3 threads), so it is off unless ``threaded_decode``.
+into the pixels, read back through the server): ``probesize=32`` gives the first frame in under
+0.1 s instead of about 1 s; with slice threads (or none) a frame is decoded 36 ms after it was
+drawn, while frame threading holds back one frame per extra thread (103 ms with 3 threads at
+30 fps), so it is off unless ``threaded_decode``.
 ``fflags=nobuffer`` made the first frame come 1 s *later* (it threw away the probed keyframe)
 and ``flags=low_delay`` changed nothing, so neither is set.
 

@@ -125,7 +125,10 @@ def test_published_stream_is_the_annotated_video_and_keeps_its_size(media_dir: P
     with RtspServer(media_dir / "traffic_highway_960x540.mp4") as server:
         sink = _sink(server.publish_url)
         # 960x540 first, then a 640x640 clip, as after a camera reconnect at another size.
-        clips = [(media_dir / "traffic_highway_960x540.mp4", 60), (media_dir / "aerial_crosswalk_640x640.mp4", None)]
+        clips = [
+            (media_dir / "traffic_highway_960x540.mp4", 60),
+            (media_dir / "aerial_crosswalk_640x640.mp4", None),
+        ]
         with _Feeder(sink, clips) as feeder:
             first = _read_published(server.published_url, 20, deadline_s=20)
             while feeder.switched_at is None and feeder.thread.is_alive():
