@@ -60,12 +60,8 @@ class AssembledPipeline:
         return [f"wrote {o}" for o in self.outputs]
 
     def stop(self) -> None:
-        """Graceful stop (SIGINT/SIGTERM): live sources also break out of reads and back-off
-        waits at once instead of after their timeouts."""
+        """Graceful stop (SIGINT/SIGTERM); a second call aborts."""
         self.pipeline.stop()
-        for source in self.sources:
-            if isinstance(source, LiveSource):
-                source.request_stop()
 
     def input_losses(self) -> list[str]:
         """One line per file source that ended early (a truncated file), after the run."""

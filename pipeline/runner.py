@@ -270,6 +270,7 @@ class Pipeline:
                 self._stop_requested.set()
                 logger.info("stop requested: sources stop, items in flight drain")
                 self._changed.notify_all()
+                self._request_sources_stop()
                 return
             if not self._started or self._aborted.is_set():
                 return
@@ -482,6 +483,13 @@ class Pipeline:
         else:
             logger.warning("stage '%s' also failed (after the first error): %r", name, exc)
 
+    def _request_sources_stop(self) -> None:
+        for src in self._sources:
+            try:
+                src.request_stop()
+            except Exception:  # a failing stop request must not hide the stop itself
+                logger.exception("source '%s': request_stop() failed", src.name)
+
     def _abort_locked(self) -> None:
         if self._aborted.is_set():
             return
@@ -490,6 +498,7 @@ class Pipeline:
         self._abort_s = time.monotonic()
         for buf in self._buffers:
             buf.close()
+        self._request_sources_stop()
         self._changed.notify_all()
 
     def _abort_grace_over(self, now: float) -> bool:

@@ -36,6 +36,11 @@ class Source(Protocol[OutT]):
 
     def items(self) -> Iterator[OutT]: ...
 
+    def request_stop(self) -> None:
+        """Called from another thread when the pipeline stops: a source that can block for long
+        inside ``items()`` (a network read, a reconnect back-off) returns soon after."""
+        ...
+
     def teardown(self) -> None: ...
 
 
@@ -71,6 +76,9 @@ class StageBase(Generic[ItemT]):
 
     def flush(self) -> Iterable[ItemT]:
         return ()
+
+    def request_stop(self) -> None:
+        pass
 
     def teardown(self) -> None:
         pass

@@ -341,3 +341,17 @@ def test_mot_lines_only_tracked_one_based(tmp_path: Path) -> None:
         assert len(fields) == 10
         frame, track_id = int(fields[0]), int(fields[1])
         assert frame >= 1 and track_id >= 0
+
+
+def test_a_later_size_is_scaled_to_the_first(tmp_path: Path) -> None:
+    """A camera that comes back at another resolution keeps recording, at the first size."""
+    path = tmp_path / "resized.mp4"
+    sink = VideoFileSink(VideoSinkConfig(path=str(path), frame_rate=25.0))
+    sink.setup()
+    for i in range(6):
+        width, height = (320, 240) if i < 3 else (640, 360)
+        sink.write(_synthetic(i, i / 25, width, height))
+    sink.teardown()
+    frames, _, _ = _read_video(path)
+    assert len(frames) == 6
+    assert {f.shape for f in frames} == {(240, 320, 3)}

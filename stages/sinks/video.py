@@ -35,6 +35,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import cv2
 import numpy as np
 
 from pipeline.stage import StageBase
@@ -126,6 +127,7 @@ class VideoFileSink(StageBase[FramePacket]):
         self._stream: av.VideoStream | None = None
         self._pending: list[tuple[np.ndarray, float]] = []
         self._size: tuple[int, int] | None = None  # (width, height) of the first picture
+        self._rescaled_sizes: set[tuple[int, int]] = set()
         self._origin_s: float | None = None
         self._last_pts: int | None = None
         self._warned_streams: set[str] = set()
@@ -161,17 +163,22 @@ class VideoFileSink(StageBase[FramePacket]):
                 )
             return
         picture = item.image_rgb_u8
+        size = (picture.shape[1], picture.shape[0])
         if self._size is None:
-            self._size = (picture.shape[1], picture.shape[0])
-        elif (picture.shape[1], picture.shape[0]) != self._size:
-            self._skip(item, f"size {picture.shape[1]}x{picture.shape[0]} is not the first frame's "
-                             f"{self._size[0]}x{self._size[1]}")
-            return
+            self._size = size
         if self.config.annotate and self._annotator is not None and item.detections is not None:
             picture = self._annotator.annotate(picture, item.detections, self.class_names)
         elif picture.flags.writeable:
             # The encoder may read it after this call returns; the packet may be reused upstream.
             picture = picture.copy()
+        if size != self._size:
+            # A camera that came back at another resolution: an MP4 stream has one size, so
+            # later pictures are scaled to the first one (after drawing, in their own pixels).
+            if size not in self._rescaled_sizes:
+                self._rescaled_sizes.add(size)
+                logger.warning("%s: frames of %dx%d are scaled to the first frame's %dx%d",
+                               self.path, size[0], size[1], self._size[0], self._size[1])
+            picture = cv2.resize(picture, self._size, interpolation=cv2.INTER_AREA)
         if self._container is None:
             self._pending.append((picture, item.pts_s))
             if len(self._pending) < _RATE_PROBE_FRAMES:
