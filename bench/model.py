@@ -56,6 +56,7 @@ class Timing:
     p90_ms: float
     min_ms: float
     runs: int
+    load_1min: float  # machine load average right after the runs: > cores means contention
 
 
 def _model(size: str) -> tuple[torch.nn.Module, str]:
@@ -116,7 +117,8 @@ def measure(
                         times = _time(lambda: backend(images, sizes_wh), warmup, runs)
                         q = np.percentile(times, [10, 90])
                         timing = Timing(size, imgsz, runtime, threads, weights, statistics.median(times),
-                                        float(q[0]), float(q[1]), min(times), runs)
+                                        float(q[0]), float(q[1]), min(times), runs,
+                                        round(os.getloadavg()[0], 2))
                         logger.info("%s", timing)
                         print(f"  {size} {imgsz} {runtime} x{threads}: median {timing.median_ms:.1f} ms",
                               file=sys.stderr)
@@ -126,13 +128,14 @@ def measure(
 
 def format_table(results: Sequence[Timing]) -> str:
     lines = [
-        "| model | input | runtime | threads | weights | median ms | p10–p90 ms | min ms | runs |",
-        "|---|---|---|---:|---|---:|---:|---:|---:|",
+        "| model | input | runtime | threads | weights | median ms | p10–p90 ms | min ms | runs | load |",
+        "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
     ]
     for t in results:
         lines.append(
             f"| D-FINE-{t.size.upper()} | {t.imgsz}×{t.imgsz} | {t.runtime} | {t.threads} | {t.weights} | "
-            f"{t.median_ms:.1f} | {t.p10_ms:.1f}–{t.p90_ms:.1f} | {t.min_ms:.1f} | {t.runs} |"
+            f"{t.median_ms:.1f} | {t.p10_ms:.1f}–{t.p90_ms:.1f} | {t.min_ms:.1f} | {t.runs} | "
+            f"{t.load_1min:.2f} |"
         )
     return "\n".join(lines)
 
@@ -150,7 +153,9 @@ def format_section(results: Sequence[Timing], info: dict[str, Any], command: str
         f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, no GPU",
         f"- Date: {info['date']}",
         f"- Software: {versions}",
-        f"- Load average (1, 5, 15 min) before: {list(load_before)}, after: {list(load_after)}",
+        f"- Load average (1, 5, 15 min) before: {list(load_before)}, after: {list(load_after)}; "
+        "the `load` column is the 1-minute load right after each row's runs (other work on "
+        "the machine shows there: above the core count, figures are inflated)",
         f"- Command: `{command}`",
         "",
         format_table(results),
