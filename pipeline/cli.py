@@ -96,6 +96,7 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--publish", metavar="RTSP_URL", help="re-stream the annotated video")
     run.add_argument("--stats", type=Path, metavar="OUT_JSON", help="write run metrics as JSON")
     run.add_argument("--realtime", action="store_true", help="pace files at their native frame rate")
+    run.add_argument("--max-frames", type=int, metavar="N", help="files: stop after N frames (a preview)")
     run.add_argument("--no-progress", action="store_true", help="no live progress line")
     run.set_defaults(handler=_cmd_run)
 
@@ -142,6 +143,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             zmq=args.zmq,
             publish=args.publish,
             realtime=True if args.realtime else None,
+            max_frames=args.max_frames,
         ),
     )
     assembled = build_pipeline(config)

@@ -103,6 +103,7 @@ class CliOverrides:
     zmq: str | None = None
     publish: str | None = None
     realtime: bool | None = None
+    max_frames: int | None = None
 
 
 def load_config(path: Path) -> AppConfig:
@@ -135,9 +136,14 @@ def _apply_overrides(config: AppConfig, cli: CliOverrides) -> AppConfig:
     sources = config.sources
     if cli.sources:
         sources = tuple(SourceConfig.from_uri(uri, str(i)) for i, uri in enumerate(cli.sources))
+    file_changes: dict[str, object] = {}
     if cli.realtime is not None:
+        file_changes["realtime"] = cli.realtime
+    if cli.max_frames is not None:
+        file_changes["max_frames"] = cli.max_frames
+    if file_changes:
         sources = tuple(
-            dataclasses.replace(s, file=dataclasses.replace(s.file, realtime=cli.realtime))
+            dataclasses.replace(s, file=dataclasses.replace(s.file, **file_changes))  # type: ignore[arg-type]
             if s.file is not None else s
             for s in sources
         )

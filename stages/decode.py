@@ -72,12 +72,14 @@ class DecodeConfig:
             the first), as a camera would deliver them; otherwise decode as fast as possible.
         decode_threads: FFmpeg decoder threads; 0 lets FFmpeg pick one per core. 2 suits a
             2-core machine where other stages need the CPU too.
+        max_frames: stop after this many frames (a preview of a long file); ``None``: all.
     """
 
     path: str
     stream_id: str = "0"
     realtime: bool = False
     decode_threads: int = 2
+    max_frames: int | None = None
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -86,6 +88,8 @@ class DecodeConfig:
             raise ValueError("decode.stream_id must not be empty")
         if self.decode_threads < 0:
             raise ValueError(f"decode.decode_threads must be >= 0, got {self.decode_threads}")
+        if self.max_frames is not None and self.max_frames < 1:
+            raise ValueError(f"decode.max_frames must be >= 1 or null, got {self.max_frames}")
 
 
 class FileSource(StageBase[FramePacket]):
@@ -138,7 +142,10 @@ class FileSource(StageBase[FramePacket]):
     @property
     def total_frames(self) -> int | None:
         """Expected number of frames, for a progress bar: exact from the container's index
-        when it has one, else duration × rate, else ``None`` (raw streams)."""
+        when it has one, else duration × rate, else ``None`` (raw streams); at most
+        ``max_frames``."""
+        if self.config.max_frames is not None and self._total_frames is not None:
+            return min(self._total_frames, self.config.max_frames)
         return self._total_frames
 
     # --- stage methods -------------------------------------------------------------------
@@ -202,6 +209,8 @@ class FileSource(StageBase[FramePacket]):
         self._first_frame = None
         try:
             while True:
+                if self.config.max_frames is not None and self.frames_decoded >= self.config.max_frames:
+                    return  # a deliberate preview: nothing was lost
                 frame = first if first is not None else next(frames, None)
                 first = None
                 if frame is None:
