@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pipeline.stage import StageBase
+from stages.sinks.output_file import open_text_output
 from stages.frame import Detections, FramePacket
 
 logger = logging.getLogger(__name__)
@@ -108,11 +109,7 @@ class JsonLinesSink(StageBase[FramePacket]):
     def setup(self) -> None:
         if self._file is not None:
             return
-        path = self.path
-        if path.is_dir():
-            raise ValueError(f"jsonl_sink.path is a folder, not a file: {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w", encoding="utf-8")
+        self._file = open_text_output(self.path, "jsonl_sink", encoding="utf-8")
 
     def write(self, item: FramePacket) -> None:
         if self._file is None:

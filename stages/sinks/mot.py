@@ -24,6 +24,7 @@ from typing import IO
 import numpy as np
 
 from pipeline.stage import StageBase
+from stages.sinks.output_file import open_text_output
 from stages.frame import FramePacket
 
 logger = logging.getLogger(__name__)
@@ -76,11 +77,7 @@ class MotSink(StageBase[FramePacket]):
     def setup(self) -> None:
         if self._file is not None:
             return
-        path = self.path
-        if path.is_dir():
-            raise ValueError(f"mot_sink.path is a folder, not a file: {path}")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = path.open("w", encoding="ascii")
+        self._file = open_text_output(self.path, "mot_sink", encoding="ascii")
 
     def write(self, item: FramePacket) -> None:
         if self._file is None:
