@@ -26,6 +26,11 @@ MP4 closed), so both count the same work.
 ``--threads`` takes a comma list of inference intra-op thread counts: runs 1-4 are made for
 each (decode and the other stages once), a small table compares them, and the top-level JSON
 figures are those of the first count.
+
+Two options measure fixes that belong elsewhere (bench/RESULTS.md, "Pipeline"):
+``--nice-others N`` runs every pipeline stage thread but the inference's at nice +N, so the
+bottleneck is not preempted by the stages waiting for it; ``--ort-no-spin`` stops ONNX Runtime's
+pool threads from spin-waiting between operators. Without them the bench runs as the app does.
 """
 
 from __future__ import annotations
