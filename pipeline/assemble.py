@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.config import AppConfig, SourceConfig
 from pipeline.ring_buffer import OverflowPolicy
 from pipeline.runner import BufferSpec, Pipeline
@@ -25,7 +27,7 @@ from pipeline.schema import ConfigError
 from pipeline.stage import Processor, Sink
 from stages.decode import FileSource
 from stages.frame import FramePacket
-from stages.infer import InferConfig, InferenceStage, make_backend
+from stages.infer import Backend, InferConfig, InferenceStage, make_backend, resolve_backend
 from stages.live import LiveSource
 from stages.preprocess import PreprocessConfig, PreprocessDevice, Preprocessor
 from stages.sinks.jsonl import JsonLinesSink
@@ -104,6 +106,10 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
     else:
         spec = BufferSpec(config.buffers.capacity, OverflowPolicy.BLOCK)
 
+    if resolve_backend(config.model) is not Backend.TORCH:
+        # torch only resizes frames here; its default pool of one thread per core fights the
+        # model's runtime for the cores (bench/RESULTS.md: 3-6 ms with 1 thread, 24-27 with 2).
+        torch.set_num_threads(1)
     processors = _make_processors(config)
     class_names = model_class_names(config.model)
     sinks, outputs = _make_sinks(config, class_names)

@@ -95,6 +95,10 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
+        # Idle pool threads sleep instead of spinning: in a pipeline the decoder and encoder need
+        # those cores between inferences (bench/RESULTS.md: spinning made the threaded pipeline
+        # no faster than a sequential loop on 2 cores).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # Errors only: the official exports make ORT warn about unused initializers on load.
         options.log_severity_level = 3
         self._session = _open_session(ort, self.path, options, chosen)
