@@ -27,10 +27,11 @@ MP4 closed), so both count the same work.
 each (decode and the other stages once), a small table compares them, and the top-level JSON
 figures are those of the first count.
 
-Two options measure fixes that belong elsewhere (bench/RESULTS.md, "Pipeline"):
-``--nice-others N`` runs every pipeline stage thread but the inference's at nice +N, so the
-bottleneck is not preempted by the stages waiting for it; ``--ort-no-spin`` stops ONNX Runtime's
-pool threads from spin-waiting between operators. Without them the bench runs as the app does.
+Two options measure the fixes bench/RESULTS.md ("Pipeline") found; both are now in the app:
+``--nice-others N`` (default 10, as ``pipeline.assemble`` does for files) runs every pipeline
+stage thread but the inference's at nice +N, so the bottleneck is not preempted by the stages
+waiting for it; ``--ort-no-spin`` stops ONNX Runtime's pool threads from spin-waiting between
+operators (the ONNX Runtime backend now always sets this).
 """
 
 from __future__ import annotations
@@ -110,7 +111,7 @@ class BenchConfig:
     encode_threads: int = 0
     capacity: int = DEFAULT_CAPACITY
     repeat: int = 1
-    nice_others: int = 0
+    nice_others: int = 10  # as the app does for files (pipeline.assemble)
     ort_no_spin: bool = False
     work_dir: Path = Path(tempfile.gettempdir()) / "finestream-bench"
 
@@ -745,9 +746,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="buffer capacity")
     parser.add_argument("--repeat", type=int, default=1,
                         help="runs of each measurement, interleaved; the best counts (default 1)")
-    parser.add_argument("--nice-others", type=int, default=0,
+    parser.add_argument("--nice-others", type=int, default=10,
                         help="pipeline run: nice value added to every stage thread but inference's "
-                             "(0 = as the app runs)")
+                             "(default 10, as the app does for files; 0 = none)")
     parser.add_argument("--ort-no-spin", action="store_true",
                         help="ONNX Runtime pool threads sleep instead of spinning between operators "
                              "(session.intra_op.allow_spinning=0)")

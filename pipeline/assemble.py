@@ -24,7 +24,7 @@ from pipeline.config import AppConfig, SourceConfig
 from pipeline.ring_buffer import OverflowPolicy
 from pipeline.runner import BufferSpec, Pipeline
 from pipeline.schema import ConfigError
-from pipeline.stage import Processor, Sink
+from pipeline.stage import Processor, Sink, Source
 from stages.decode import FileSource
 from stages.frame import FramePacket
 from stages.infer import Backend, InferConfig, InferenceStage, make_backend, resolve_backend
@@ -127,8 +127,23 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
         # After a failure, a stage stuck in native code is given this long; with the CLI's
         # exit that keeps "failure to exit" within 5 s.
         join_timeout_s=3.0,
+        thread_nice=_nice_all_but_inference(sources, processors, sinks) if not live else None,
     )
     return AssembledPipeline(pipeline=pipeline, sources=sources, live=live, outputs=outputs)
+
+
+# Files: inference is the bottleneck by far, and on a small machine the decoder's, encoder's and
+# other stages' threads would otherwise take turns on its core (bench/RESULTS.md: efficiency 0.83
+# -> 1.0 at 1080p on 2 cores). Live sources keep normal priority: a starved decoder would let
+# the camera's stream back up in the socket, which is latency.
+_BACKGROUND_NICE = 10
+
+
+def _nice_all_but_inference(
+    sources: Sequence[Source[Any]], processors: Sequence[Processor[Any, Any]], sinks: Sequence[Sink[Any]]
+) -> dict[str, int]:
+    stages: list[Any] = [*sources, *processors, *sinks]
+    return {s.name: _BACKGROUND_NICE for s in stages if not isinstance(s, InferenceStage)}
 
 
 def model_class_names(config: InferConfig) -> list[str]:

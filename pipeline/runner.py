@@ -40,9 +40,10 @@ Items are opaque here: this module knows nothing of frames or models.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -126,6 +127,16 @@ class _Outlet:
             buf.put_end()
 
 
+def _lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value (Linux schedules threads one by one)."""
+    if nice <= 0:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run at normal priority
+        logger.debug("could not lower thread priority: %s", exc)
+
+
 def _make_buffer(spec: BufferSpec, name: str) -> RingBuffer[_Envelope]:
     on_drop: Callable[[_Envelope], None] | None = None
     if spec.on_drop is not None:
@@ -162,7 +173,11 @@ class Pipeline:
         sinks: Sequence[tuple[Sink[Any], BufferSpec]],
         *,
         join_timeout_s: float = 5.0,
+        thread_nice: Mapping[str, int] | None = None,
     ) -> None:
+        """``thread_nice`` maps stage names to a nice increment (0..19) for that stage's thread
+        (Linux: per thread; threads it starts, such as FFmpeg's, inherit it). Raising it for
+        every stage but the bottleneck lets the bottleneck keep its core on a small machine."""
         if not sources:
             raise ValueError("sources must hold at least one source")
         _check_pairs("processors", processors)
@@ -182,6 +197,12 @@ class Pipeline:
                 raise ValueError(f"stage names must be unique: '{name}' is used twice; rename one")
             seen.add(name)
 
+        self._thread_nice = dict(thread_nice or {})
+        for name, nice in self._thread_nice.items():
+            if name not in seen:
+                raise ValueError(f"thread_nice names no stage: '{name}' (stages: {', '.join(names)})")
+            if not 0 <= nice <= 19:
+                raise ValueError(f"thread_nice['{name}'] must be in [0, 19], got {nice}")
         self._sources = tuple(sources)
         self._processors = tuple(p for p, _ in processors)
         self._sinks = tuple(s for s, _ in sinks)
@@ -378,6 +399,7 @@ class Pipeline:
         recorder = self._recorders[name]
         recorder.mark_started()
         try:
+            _lower_thread_priority(self._thread_nice.get(name, 0))
             body()
         except BufferClosed as exc:
             # The pipeline closed the buffers: someone else's error or an abort, not ours.

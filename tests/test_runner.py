@@ -537,3 +537,35 @@ def test_a_thread_that_cannot_start_stops_those_already_running(
     assert not pipe.running
     assert _our_threads("square", "sink") == []
     assert sink.trace.teardowns == sq.trace.teardowns == 1
+
+
+def test_thread_nice_lowers_only_the_named_stages() -> None:
+    """The nice value is per thread on Linux: each stage reads its own from inside its thread."""
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are a Linux feature")
+    seen: dict[str, int] = {}
+
+    class NiceProbe(StageBase[int]):
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def process(self, item: int) -> int:
+            seen[self.name] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+            return item
+
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    sink = CollectSink("sink")
+    pipeline = Pipeline(
+        [CountingSource("src", 3)],
+        [(NiceProbe("busy"), BufferSpec()), (NiceProbe("background"), BufferSpec())],
+        [(sink, BufferSpec())],
+        thread_nice={"background": 5},
+    )
+    pipeline.run()
+    assert seen == {"busy": base, "background": min(base + 5, 19)}
+    with pytest.raises(ValueError, match="names no stage"):
+        Pipeline([CountingSource("src", 1)], [], [(CollectSink("sink"), BufferSpec())],
+                 thread_nice={"nope": 1})
