@@ -54,7 +54,10 @@ def frame_to_rgb_u8(frame: av.VideoFrame) -> np.ndarray:
     640 high, as ffmpeg and OpenCV show it. Angles that are not a multiple of 90 are rounded to
     the nearest one; mirroring in the display matrix is ignored.
     """
-    rgb = frame.to_ndarray(format="rgb24")
+    # threads=1: converted in the calling stage's thread. FFmpeg's default is a pool of one
+    # thread per core for every converter, which then competes with inference for the cores
+    # (the pipeline gets its parallelism from its stages, not from here).
+    rgb = frame.to_ndarray(format="rgb24", threads=1)
     quarter_turns = round(frame.rotation / 90) % 4
     if quarter_turns == 0:
         return rgb

@@ -37,6 +37,7 @@ from pipeline.stage import StageBase
 from stages.annotate import AnnotateConfig, Annotator, make_annotator
 from stages.events import redact_url
 from stages.frame import FramePacket
+from stages.sinks.yuv import rgb_to_yuv420p, tag_bt709_limited
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class RtspPublishSink(StageBase[FramePacket]):
             return
         if self.config.annotate and self._annotator is not None and item.detections is not None:
             picture = self._annotator.annotate(picture, item.detections, self.class_names)
-        frame = av.VideoFrame.from_ndarray(picture, format="rgb24")
+        frame = rgb_to_yuv420p(picture)
         frame.pts = pts
         frame.time_base = _TIME_BASE
         try:
@@ -261,6 +262,7 @@ class RtspPublishSink(StageBase[FramePacket]):
         video = container.add_stream("libx264", rate=Fraction(cfg.frame_rate).limit_denominator(1001))
         video.width, video.height = self._size
         video.pix_fmt = "yuv420p"
+        tag_bt709_limited(video.codec_context)
         video.bit_rate = cfg.bitrate_kbps * 1000
         # Both the stream and the encoder on the 90 kHz clock: with the encoder on 1/rate, two
         # frames closer than one nominal period would get the same pts and the muxer refuses it.

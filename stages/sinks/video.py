@@ -41,6 +41,7 @@ import numpy as np
 from pipeline.stage import StageBase
 from stages.annotate import AnnotateConfig, Annotator, make_annotator
 from stages.frame import FramePacket
+from stages.sinks.yuv import rgb_to_yuv420p, tag_bt709_limited
 
 logger = logging.getLogger(__name__)
 
@@ -238,11 +239,7 @@ class VideoFileSink(StageBase[FramePacket]):
             context = stream.codec_context
             context.time_base = _TIME_BASE
             context.thread_count = self.config.encode_threads
-            # Say what the pixels are, so players convert back the way we converted.
-            context.colorspace = 1  # AVCOL_SPC_BT709
-            context.color_primaries = 1  # AVCOL_PRI_BT709
-            context.color_trc = 1  # AVCOL_TRC_BT709
-            context.color_range = 1  # AVCOL_RANGE_MPEG (limited)
+            tag_bt709_limited(context)  # say what the pixels are (see rgb_to_yuv420p)
         except Exception:
             container.close()
             raise
@@ -281,8 +278,7 @@ class VideoFileSink(StageBase[FramePacket]):
         height, width = picture.shape[:2]
         if width % 2 or height % 2:
             picture = np.pad(picture, ((0, height % 2), (0, width % 2), (0, 0)), mode="edge")
-        frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture), format="rgb24")
-        frame = frame.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG")
+        frame = rgb_to_yuv420p(picture)
         frame.pts = pts
         frame.time_base = _TIME_BASE
         self._container.mux(self._stream.encode(frame))

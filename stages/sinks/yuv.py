@@ -1,0 +1,32 @@
+"""RGB pictures to the frames H.264 encoders take: yuv420p, BT.709, limited range, tagged.
+
+Both video sinks (the MP4 file and the RTSP re-stream) convert here, so their colours agree and
+players convert back the way we converted: BT.709 is what players assume for HD, and tagging
+the stream says so for every size.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import av
+import numpy as np
+
+
+def rgb_to_yuv420p(picture_rgb_u8: np.ndarray) -> av.VideoFrame:
+    """uint8 ``(H, W, 3)`` RGB (H and W even) as a yuv420p ``av.VideoFrame``, BT.709 limited range.
+
+    The conversion runs in the calling thread (``threads=1``): FFmpeg's default starts a pool
+    of one thread per core for each converter, and in a pipeline those compete with the
+    inference for the cores the stages already share.
+    """
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture_rgb_u8), format="rgb24")
+    return frame.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG", threads=1)
+
+
+def tag_bt709_limited(context: Any) -> None:
+    """Mark an encoder's output (``av.VideoCodecContext``) as BT.709 limited range."""
+    context.colorspace = 1  # AVCOL_SPC_BT709
+    context.color_primaries = 1  # AVCOL_PRI_BT709
+    context.color_trc = 1  # AVCOL_TRC_BT709
+    context.color_range = 1  # AVCOL_RANGE_MPEG (limited)
