@@ -56,6 +56,7 @@ import torch
 
 from bench.common import RssSampler, clip_frame_count, loop_clip, machine_info, rss_mib
 from pipeline.assemble import model_class_names
+from pipeline.config import BuffersConfig
 from pipeline.ring_buffer import OverflowPolicy
 from pipeline.runner import BufferSpec, Pipeline
 from stages.decode import DecodeConfig, FileSource
@@ -72,8 +73,8 @@ STAGES = ("decode", "preprocess", "inference", "tracking", "annotate_encode")
 #: With the bench's random-but-active weights every score is about 0.04-0.09; this threshold
 #: keeps about 20 boxes per frame, so tracking and drawing do the work of a busy real scene.
 DEFAULT_SCORE_THRESHOLD = 0.055
-#: The assembly's file buffers (``BuffersConfig.capacity``).
-DEFAULT_CAPACITY = 8
+#: The assembly's file buffers.
+DEFAULT_CAPACITY = BuffersConfig.capacity
 
 
 @dataclass(frozen=True)

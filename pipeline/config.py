@@ -67,9 +67,14 @@ class OutputsConfig:
 class BuffersConfig:
     """Ring-buffer sizes. Files block when a buffer is full (no frame is ever lost); live
     sources drop the oldest frame instead, and their buffers are kept short so the newest frame
-    is always next."""
+    is always next.
 
-    capacity: int = 8
+    Files: 4 is enough to absorb one slow frame (a keyframe to decode, an x264 spike) and no
+    more: each frame waiting in front of the inference adds one inference period of latency and
+    a decoded picture of memory. 8 ran no faster (bench/RESULTS.md) with 1.7 s more latency.
+    """
+
+    capacity: int = 4
     live_capacity: int = 2
 
     def __post_init__(self) -> None:
