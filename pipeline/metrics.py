@@ -112,6 +112,11 @@ class StageMetrics:
         time_per_item_p50_ms, time_per_item_p95_ms: time inside the call, over the recent window.
         running: the stage's thread has not finished.
         latency: for a sink, source-to-write latency of the items it wrote; ``None`` otherwise.
+        cpu_s: CPU time of the stage's own thread since it started (setup included), or
+            ``None`` where the platform cannot tell. Threads its libraries start (FFmpeg's
+            decoder, x264, an ONNX Runtime pool) are not counted. Unlike ``busy_fraction``,
+            which also counts time spent waiting for a core, this is work done: a stage whose
+            calls take longer than its CPU time is being held up, not working.
     """
 
     name: str
@@ -125,6 +130,14 @@ class StageMetrics:
     time_per_item_p95_ms: float | None
     running: bool
     latency: LatencyMetrics | None = None
+    cpu_s: float | None = None
+
+    @property
+    def cpu_ms_per_item(self) -> float | None:
+        """``cpu_s`` per item, in ms (``None`` without a CPU figure or an item)."""
+        if self.cpu_s is None or self.items == 0:
+            return None
+        return 1000.0 * self.cpu_s / self.items
 
 
 class StageRecorder:
@@ -152,17 +165,28 @@ class StageRecorder:
         self._recent: deque[tuple[float, float]] = deque(maxlen=window)
         self._latency_count = 0
         self._latency_s: deque[float] = deque(maxlen=window)
+        # The stage thread's CPU clock, readable from any thread while it runs; its final
+        # reading is kept when the thread finishes (the clock dies with the thread).
+        self._cpu_clock: int | None = None
+        self._cpu_start_s = 0.0
+        self._cpu_final_s: float | None = None
 
     def mark_started(self) -> None:
-        """The stage's thread is running (called first thing in the thread)."""
+        """The stage's thread is running (called first thing in that thread)."""
+        clock = _thread_cpu_clock()
         with self._lock:
             self._started = True
             self._finished_s = None
+            self._cpu_clock, self._cpu_final_s = clock, None
+            self._cpu_start_s = time.clock_gettime(clock) if clock is not None else 0.0
 
     def mark_finished(self, at_s: float | None = None) -> None:
-        """The stage's thread is done; rates stop decaying from here."""
+        """The stage's thread is done (called last thing in that thread, if from it); rates
+        stop decaying from here."""
         with self._lock:
             self._finished_s = time.monotonic() if at_s is None else at_s
+            self._cpu_final_s = self._cpu_now_s()
+            self._cpu_clock = None
 
     def record_item(self, start_s: float, end_s: float) -> None:
         """One item took ``[start_s, end_s]`` (``time.monotonic()``) inside the stage's call."""
@@ -197,8 +221,18 @@ class StageRecorder:
         with self._lock:
             return self._latency_count, list(self._latency_s)
 
+    def _cpu_now_s(self) -> float | None:
+        """CPU seconds of the stage's thread so far (lock held)."""
+        if self._cpu_clock is None:
+            return self._cpu_final_s
+        try:
+            return time.clock_gettime(self._cpu_clock) - self._cpu_start_s
+        except OSError:  # the thread ended without mark_finished from inside it
+            return self._cpu_final_s
+
     def snapshot(self, now_s: float | None = None) -> StageMetrics:
         with self._lock:
+            cpu_s = self._cpu_now_s()
             items = self._items
             busy_s = self._busy_s
             first = self._first_start_s
@@ -234,7 +268,19 @@ class StageRecorder:
                 if self.kind is StageKind.SINK
                 else None
             ),
+            cpu_s=cpu_s,
         )
+
+
+def _thread_cpu_clock() -> int | None:
+    """The calling thread's CPU-time clock id, or ``None`` where there is none (Windows)."""
+    getter = getattr(time, "pthread_getcpuclockid", None)
+    if getter is None:
+        return None
+    try:
+        return int(getter(threading.get_ident()))
+    except OSError:
+        return None
 
 
 def _json_value(value: Any) -> Any:
@@ -287,13 +333,13 @@ class PipelineMetrics:
         """A plain-text summary for the end of a run."""
         lines = [
             f"{'stage':<16} {'kind':<9} {'items':>8} {'fps':>8} {'busy':>5} "
-            f"{'p50 ms':>8} {'p95 ms':>8}"
+            f"{'p50 ms':>8} {'p95 ms':>8} {'cpu ms':>8}"
         ]
         for s in self.stages:
             lines.append(
                 f"{s.name:<16} {s.kind.value:<9} {s.items:>8} {s.fps:>8.1f} "
                 f"{s.busy_fraction * 100:>4.0f}% {_fmt(s.time_per_item_p50_ms, '.2f'):>8} "
-                f"{_fmt(s.time_per_item_p95_ms, '.2f'):>8}"
+                f"{_fmt(s.time_per_item_p95_ms, '.2f'):>8} {_fmt(s.cpu_ms_per_item, '.2f'):>8}"
             )
         if self.buffers:
             lines.append("")

@@ -114,6 +114,7 @@ def _example() -> PipelineMetrics:
             time_per_item_p95_ms=None if kind is StageKind.SINK else 2 * busy * 1000 / fps,
             running=True,
             latency=LatencyMetrics(900, 150.0, 210.0, 250.0) if kind is StageKind.SINK else None,
+            cpu_s=None if kind is StageKind.SINK else 900 * 0.9 * busy / fps,
         )
 
     return PipelineMetrics(
@@ -163,9 +164,9 @@ def test_to_dict_is_json_with_enum_values() -> None:
 def test_format_table_lists_every_stage_and_buffer() -> None:
     table = _example().format_table()
     lines = table.splitlines()
-    assert lines[0].split() == ["stage", "kind", "items", "fps", "busy", "p50", "ms", "p95", "ms"]
-    assert lines[2].split() == ["infer", "processor", "900", "12.1", "83%", "68.71", "137.42"]
-    assert lines[3].split()[-1] == "-"  # no p95 for the sink: shown as a dash
+    assert lines[0].split() == ["stage", "kind", "items", "fps", "busy", "p50", "ms", "p95", "ms", "cpu", "ms"]
+    assert lines[2].split() == ["infer", "processor", "900", "12.1", "83%", "68.71", "137.42", "61.84"]
+    assert lines[3].split()[-2:] == ["-", "-"]  # no p95 and no CPU figure for the sink: dashes
     assert any(line.split()[:3] == ["infer.in", "drop_oldest", "3/8"] for line in lines)
     assert "p95 210.4" in table
     assert "frames in 900, out 780, dropped 120, wall 30.0 s" in table

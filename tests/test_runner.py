@@ -262,6 +262,51 @@ def test_metrics_after_a_run_count_every_item() -> None:
     assert pipe.metrics().wall_s == m.wall_s
 
 
+class Burner(StageBase[int]):
+    """Works (CPU) for ``cpu_ms`` per item; ``Sleeper`` below waits as long instead."""
+
+    def __init__(self, name: str, cpu_ms: float) -> None:
+        self.name = name
+        self.cpu_ms = cpu_ms
+
+    def process(self, item: int) -> int:
+        end = time.thread_time() + self.cpu_ms / 1000.0
+        while time.thread_time() < end:
+            pass
+        return item
+
+
+class Sleeper(Burner):
+    def process(self, item: int) -> int:
+        time.sleep(self.cpu_ms / 1000.0)
+        return item
+
+
+@pytest.mark.skipif(not hasattr(time, "pthread_getcpuclockid"), reason="no per-thread CPU clock here")
+def test_cpu_time_per_item_tells_work_from_waiting() -> None:
+    """Both stages are busy 20 ms per item; only one of them works for it."""
+    pipe = Pipeline(
+        [CountingSource(n=15)],
+        [(Burner("burn", 20.0), BufferSpec()), (Sleeper("sleep", 20.0), BufferSpec())],
+        [(CollectSink(), BufferSpec())],
+    )
+    live = []
+    pipe.start()
+    while pipe.metrics().frames_out < 5:
+        time.sleep(0.01)
+    live.append(pipe.metrics().stages[1].cpu_s)  # read from another thread mid-run
+    pipe.join()
+    m = {s.name: s for s in pipe.metrics().stages}
+    assert live[0] is not None and live[0] >= 5 * 0.020
+    burn, sleep = m["burn"].cpu_ms_per_item, m["sleep"].cpu_ms_per_item
+    assert burn is not None and sleep is not None
+    assert burn >= 20.0  # it spun until its thread had used 20 ms of CPU, every item
+    assert sleep < 5.0  # asleep: busy, but no work
+    # The last reading is kept once the thread is gone (its clock goes with it).
+    time.sleep(0.05)
+    assert pipe.metrics().stages[1].cpu_s == m["burn"].cpu_s
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 
