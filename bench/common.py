@@ -60,6 +60,15 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def runqueue_wait_s() -> float | None:
+    """Seconds the calling thread has spent runnable but without a core (Linux ``schedstat``),
+    or ``None`` where the kernel does not say."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def rss_mib() -> float:
     """This process's resident set size now (``VmRSS`` of /proc/self/status), MiB."""
     for line in Path("/proc/self/status").read_text().splitlines():

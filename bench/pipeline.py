@@ -5,8 +5,8 @@ Usage::
     python -m bench.pipeline --source CLIP --model CKPT --size n --backend onnxruntime \\
         --imgsz 640 [--frames N] [--threads 1,2] [--json out.json]
 
-On the same N frames of CLIP (looped by remuxing when it has fewer than N, see
-``bench.common.loop_clip``) it measures:
+On the same N frames of CLIP (by default the whole clip, but at least 300 frames: a shorter clip
+is looped by remuxing, see ``bench.common.loop_clip``) it measures:
 
 1. each stage alone: decode (the file, N frames), then, on those decoded frames held in
    memory, preprocess, inference, tracking, and annotate+encode (the H.264 MP4 sink, its final
@@ -27,20 +27,24 @@ MP4 closed), so both count the same work.
 each (decode and the other stages once), a small table compares them, and the top-level JSON
 figures are those of the first count.
 
-Two options measure the fixes bench/RESULTS.md ("Pipeline") found; both are now in the app:
+Where the time goes inside the pipeline: besides its busy share, every stage shows the CPU
+time of its own thread per frame and (Linux) the time that thread waited for a core, both from
+the end of its setup to the end of its teardown; the inference's are also measured alone. A
+call that is slower in the pipeline than alone tells its cause: waiting for a core means the
+scheduler gave the core away; more CPU for the same work means the cores are slowing each other
+down (shared caches and memory; see bench/RESULTS.md). The whole process's CPU time over the
+run says how many cores the pipeline kept busy.
+
 ``--nice-others N`` (default 10, as ``pipeline.assemble`` does for files) runs every pipeline
-stage thread but the inference's at nice +N, so the bottleneck is not preempted by the stages
-waiting for it; ``--ort-no-spin`` stops ONNX Runtime's pool threads from spin-waiting between
-operators (the ONNX Runtime backend now always sets this).
+stage thread but the inference's at nice +N, through the runner's ``thread_nice`` as the app
+does, so the bottleneck is not preempted by the stages waiting for it.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
-import os
 import shlex
 import statistics
 import sys
@@ -54,7 +58,7 @@ from typing import Any
 
 import torch
 
-from bench.common import RssSampler, clip_frame_count, loop_clip, machine_info, rss_mib
+from bench.common import RssSampler, clip_frame_count, loop_clip, machine_info, rss_mib, runqueue_wait_s
 from pipeline.assemble import model_class_names
 from pipeline.config import BuffersConfig
 from pipeline.ring_buffer import OverflowPolicy
@@ -73,8 +77,14 @@ STAGES = ("decode", "preprocess", "inference", "tracking", "annotate_encode")
 #: With the bench's random-but-active weights every score is about 0.04-0.09; this threshold
 #: keeps about 20 boxes per frame, so tracking and drawing do the work of a busy real scene.
 DEFAULT_SCORE_THRESHOLD = 0.055
+#: The inference stage's name in the pipeline's metrics (``InferenceStage.name``).
+INFER_STAGE = "infer"
 #: The assembly's file buffers.
 DEFAULT_CAPACITY = BuffersConfig.capacity
+#: A clip shorter than this is looped up to it when ``--frames`` is not given: filling the
+#: buffers at the start and flushing x264 at the end (~0.5-0.8 s at 1080p) are part of every
+#: run, and over a few seconds of frames they, not the steady pace, set the rate.
+MIN_FRAMES = 300
 
 
 @dataclass(frozen=True)
@@ -85,7 +95,8 @@ class BenchConfig:
         source: the video clip.
         model: checkpoint or ONNX file, as ``InferConfig.model``.
         size, backend, imgsz, score_threshold: as ``InferConfig``.
-        frames: frames to run (0: the whole clip); a shorter clip is looped to reach it.
+        frames: frames to run (0: the whole clip, looped up to ``MIN_FRAMES`` if shorter); a
+            shorter clip is looped to reach it.
         intra_op_threads: inference thread counts to compare; the first gives the headline.
         torch_threads: ``torch.set_num_threads`` for the process (the preprocessor's resize).
         decode_threads: FFmpeg decoder threads (``DecodeConfig.decode_threads``).
@@ -93,9 +104,7 @@ class BenchConfig:
         capacity: the blocking buffers' capacity.
         repeat: runs of each measurement; the best counts (other processes share the CPU).
         nice_others: in the pipeline run, raise the nice value of every stage thread but the
-            inference's by this much (0: as the app runs), so the bottleneck gets a core first.
-        ort_no_spin: ONNX Runtime's pool threads sleep instead of spin-waiting between
-            operators (``session.intra_op.allow_spinning = 0``); see ``ort_spinning_off``.
+            inference's by this much (10 as the app runs files; 0: equal priorities).
         work_dir: where looped clips and MP4 outputs go.
     """
 
@@ -113,7 +122,6 @@ class BenchConfig:
     capacity: int = DEFAULT_CAPACITY
     repeat: int = 1
     nice_others: int = 10  # as the app does for files (pipeline.assemble)
-    ort_no_spin: bool = False
     work_dir: Path = Path(tempfile.gettempdir()) / "finestream-bench"
 
     def __post_init__(self) -> None:
@@ -150,6 +158,7 @@ class StageTiming:
     frames: int
     total_s: float
     call_ms: tuple[float, ...]
+    cpu_s: float | None = None  # the calling thread's CPU time in the timed calls, if measured
 
     @property
     def fps(self) -> float:
@@ -157,12 +166,15 @@ class StageTiming:
 
     def to_dict(self) -> dict[str, Any]:
         ordered = sorted(self.call_ms)
-        return {
+        out: dict[str, Any] = {
             "fps": round(self.fps, 3),
             "ms_per_frame": round(1000.0 * self.total_s / self.frames, 3) if self.frames else None,
             "call_p50_ms": round(_quantile(ordered, 0.50), 3) if ordered else None,
             "call_p95_ms": round(_quantile(ordered, 0.95), 3) if ordered else None,
         }
+        if self.cpu_s is not None and self.frames:
+            out["cpu_ms_per_frame"] = round(1000.0 * self.cpu_s / self.frames, 3)
+        return out
 
 
 def _quantile(sorted_values: Sequence[float], q: float) -> float:
@@ -255,14 +267,16 @@ def inference_alone(
     # One untimed call: ONNX Runtime sizes its memory arena on the first run.
     stage.process(preprocessor.process(packets[0]))
     calls: list[float] = []
+    cpu_s = 0.0
     for packet in packets:
         preprocessor.process(packet)
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         stage.process(packet)
         calls.append((time.perf_counter() - t0) * 1000.0)
+        cpu_s += time.thread_time() - c0
     class_names = list(stage.backend.class_names)
     stage.teardown()
-    return StageTiming(len(calls), sum(calls) / 1000.0, tuple(calls)), class_names
+    return StageTiming(len(calls), sum(calls) / 1000.0, tuple(calls), cpu_s), class_names
 
 
 def tracking_alone(packets: Sequence[FramePacket]) -> StageTiming:
@@ -295,6 +309,7 @@ class _StartGate:
         self._left = parties
         self._cond = threading.Condition()
         self.opened_s: float | None = None
+        self.opened_cpu_s: float | None = None  # the process's CPU time then
 
     def arrive(self) -> None:
         with self._cond:
@@ -308,35 +323,48 @@ class _StartGate:
                 self._cond.wait()
             if self.opened_s is None:
                 self.opened_s = time.monotonic()
+                self.opened_cpu_s = time.process_time()
             return self.opened_s
 
 
-def _lower_thread_priority(nice: int) -> None:
-    """Raise the calling thread's nice value by ``nice`` (Linux: per thread). Threads it starts
-    later (FFmpeg's decoder and x264's encoder threads) inherit it."""
-    if nice > 0:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+class _ThreadClock:
+    """CPU time and time waiting for a core of the thread that calls ``start`` and ``stop``
+    (a stage's thread: from the end of its setup to the end of its teardown)."""
+
+    def __init__(self) -> None:
+        self.cpu_s: float | None = None
+        self.wait_s: float | None = None
+        self._start: tuple[float, float | None] | None = None
+
+    def start(self) -> None:
+        self._start = (time.thread_time(), runqueue_wait_s())
+
+    def stop(self) -> None:
+        if self._start is None:
+            return
+        cpu0, wait0 = self._start
+        self.cpu_s = time.thread_time() - cpu0
+        wait = runqueue_wait_s()
+        self.wait_s = None if wait is None or wait0 is None else wait - wait0
 
 
 class _Gated:
-    """A processor or sink that reports to the gate once set up; otherwise the stage itself.
+    """A processor or sink that reports to the gate once set up and clocks its thread;
+    otherwise the stage itself."""
 
-    ``nice`` > 0 lowers the priority of the stage's thread first (see ``--nice-others``).
-    """
-
-    def __init__(self, inner: Any, gate: _StartGate, nice: int = 0) -> None:
+    def __init__(self, inner: Any, gate: _StartGate) -> None:
         self.inner = inner
         self.name: str = inner.name
         self._gate = gate
-        self._nice = nice
+        self.clock = _ThreadClock()
 
     def setup(self) -> None:
         try:
-            _lower_thread_priority(self._nice)
             self.inner.setup()
         finally:
             # Also on failure, so the source is never left waiting: the run aborts anyway.
             self._gate.arrive()
+            self.clock.start()
 
     def process(self, item: FramePacket) -> FramePacket | None:
         out: FramePacket | None = self.inner.process(item)
@@ -350,33 +378,39 @@ class _Gated:
         self.inner.write(item)
 
     def teardown(self) -> None:
-        self.inner.teardown()
+        try:
+            self.inner.teardown()
+        finally:
+            self.clock.stop()
 
 
 class _GatedSource:
     """The file source, holding its first frame until every other stage is set up, and
     stopping after ``frames`` frames."""
 
-    def __init__(self, inner: FileSource, gate: _StartGate, frames: int, nice: int = 0) -> None:
+    def __init__(self, inner: FileSource, gate: _StartGate, frames: int) -> None:
         self.inner = inner
         self.name = inner.name
         self._gate = gate
         self._frames = frames
-        self._nice = nice
+        self.clock = _ThreadClock()
 
     def setup(self) -> None:
-        _lower_thread_priority(self._nice)
         self.inner.setup()
 
     def items(self) -> Iterator[FramePacket]:
         self._gate.wait()
+        self.clock.start()
         return _take(self.inner.items(), self._frames)
 
     def request_stop(self) -> None:
         self.inner.request_stop()
 
     def teardown(self) -> None:
-        self.inner.teardown()
+        try:
+            self.inner.teardown()
+        finally:
+            self.clock.stop()
 
 
 def measure_pipeline(
@@ -387,33 +421,44 @@ def measure_pipeline(
     stages: list[Any] = [_preprocessor(config), _inference(config, threads), Tracker(TrackConfig())]
     sink = _video_sink(config, out, class_names)
     gate = _StartGate(len(stages) + 1)
-    nice = config.nice_others
-    source = _GatedSource(_source(config, clip), gate, frames, nice)
+    source = _GatedSource(_source(config, clip), gate, frames)
+    gated = [_Gated(stage, gate) for stage in stages]
+    gated_sink = _Gated(sink, gate)
+    every: list[_Gated | _GatedSource] = [source, *gated, gated_sink]
+    # As pipeline.assemble does for a file: every thread but the inference's yields the CPU.
+    nice = {s.name: config.nice_others for s in every if not isinstance(s.inner, InferenceStage)}
     pipeline = Pipeline(
-        [source],
-        [(_Gated(stage, gate, 0 if isinstance(stage, InferenceStage) else nice), spec) for stage in stages],
-        [(_Gated(sink, gate, nice), spec)],
+        [source], [(g, spec) for g in gated], [(gated_sink, spec)], thread_nice=nice
     )
+    clocks = {s.name: s.clock for s in every}
     rss_before = rss_mib()
     with RssSampler() as rss:
         pipeline.run()
-        end_s = time.monotonic()
+        end_s, end_cpu_s = time.monotonic(), time.process_time()
     metrics = pipeline.metrics()
     opened = gate.opened_s if gate.opened_s is not None else end_s
+    opened_cpu = gate.opened_cpu_s if gate.opened_cpu_s is not None else end_cpu_s
     wall_s = end_s - opened
     done = metrics.frames_out
     lat = metrics.latency
+    per_frame = 1000.0 / done if done else 0.0
     return {
         "intra_op_threads": threads,
         "frames": done,
         "wall_s": round(wall_s, 3),
         "fps": round(done / wall_s, 3) if wall_s > 0 else 0.0,
+        # Every thread of the process, the libraries' own included (FFmpeg, x264, ONNX Runtime).
+        "process_cpu_ms_per_frame": round((end_cpu_s - opened_cpu) * per_frame, 2),
+        "cores_busy": round((end_cpu_s - opened_cpu) / wall_s, 2) if wall_s > 0 else 0.0,
         "stages": {
             s.name: {
                 "fps": round(s.fps, 3),
                 "busy": round(s.busy_fraction, 3),
                 "call_p50_ms": _round(s.time_per_item_p50_ms),
                 "call_p95_ms": _round(s.time_per_item_p95_ms),
+                # The stage's own thread only; per frame the pipeline delivered.
+                "cpu_ms_per_frame": _per_frame(clocks[s.name].cpu_s, per_frame),
+                "core_wait_ms_per_frame": _per_frame(clocks[s.name].wait_s, per_frame),
             }
             for s in metrics.stages
         },
@@ -429,6 +474,10 @@ def measure_pipeline(
 
 def _round(value: float | None, digits: int = 2) -> float | None:
     return None if value is None else round(value, digits)
+
+
+def _per_frame(seconds: float | None, ms_per_frame_second: float) -> float | None:
+    return None if seconds is None else round(seconds * ms_per_frame_second, 2)
 
 
 # --- 3. the sequential loop ---------------------------------------------------------------
@@ -473,7 +522,9 @@ def prepare_clip(source: Path, frames: int, work_dir: Path) -> tuple[Path, int, 
     it has enough frames, else a remuxed loop of it."""
     available = clip_frame_count(source)
     if frames == 0:
-        return source, available, 1
+        if available >= MIN_FRAMES:
+            return source, available, 1
+        frames = MIN_FRAMES
     if frames <= available:
         return source, frames, 1
     repeats = -(-frames // available)
@@ -583,7 +634,6 @@ def run_bench(config: BenchConfig, command: str = "") -> dict[str, Any]:
             "buffer_capacity": config.capacity,
             "repeat": config.repeat,
             "nice_others": config.nice_others,
-            "ort_no_spin": config.ort_no_spin,
         },
         "clip": {"path": str(clip), "frames": frames, "passes_of_source": repeats},
         "detections_per_frame": round(statistics.fmean(detections), 2) if detections else 0.0,
@@ -638,7 +688,7 @@ def format_report(result: dict[str, Any]) -> str:
         + f"; D-FINE-{s['size'].upper()} {s['imgsz']} on {s['backend']}, intra-op threads "
         f"{s['intra_op_threads'][0]}, torch threads {s['torch_threads']}, decode threads "
         f"{s['decode_threads']}, encode threads {s['encode_threads'] or 'auto'}, "
-        f"nice others +{s['nice_others']}, ORT spinning {'off' if s['ort_no_spin'] else 'on'}; "
+        f"nice others +{s['nice_others']}; "
         f"{result['detections_per_frame']} detections/frame"
     )
     lines.append("")
@@ -649,12 +699,19 @@ def format_report(result: dict[str, Any]) -> str:
         lines.append(f"{name:<18}{st['fps']:>9.1f}{st['ms_per_frame']:>10.1f}{mark}")
     p = result["pipeline"]
     lines.append("")
-    lines.append(f"{'pipeline stage':<18}{'fps':>9}{'busy':>7}{'p50 ms':>9}{'p95 ms':>9}")
+    lines.append(
+        f"{'pipeline stage':<18}{'fps':>9}{'busy':>7}{'p50 ms':>9}{'p95 ms':>9}"
+        f"{'cpu ms':>9}{'wait ms':>9}"
+    )
     for name, st in p["stages"].items():
         lines.append(
             f"{name:<18}{st['fps']:>9.1f}{st['busy'] * 100:>6.0f}%"
             f"{_cell(st['call_p50_ms']):>9}{_cell(st['call_p95_ms']):>9}"
+            f"{_cell(st['cpu_ms_per_frame']):>9}{_cell(st['core_wait_ms_per_frame']):>9}"
         )
+    lines.append(
+        "  (cpu ms: the stage thread's CPU per frame; wait ms: its time runnable without a core)"
+    )
     lines.append("")
     lines.append(f"{'buffer':<18}{'high-water':>11}")
     for name, b in p["buffers"].items():
@@ -673,6 +730,7 @@ def format_report(result: dict[str, Any]) -> str:
         f"{result['slowest_stage']} {result['slowest_stage_fps']:.2f} fps)"
     )
     lines.append(f"speedup    {result['speedup']:.3f} (pipeline / sequential)")
+    lines.extend(_inference_profile(result))
     if len(result["sweep"]) > 1:
         lines.append("")
         lines.append(
@@ -688,29 +746,24 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-@contextlib.contextmanager
-def ort_spinning_off() -> Iterator[None]:
-    """While open, every ``onnxruntime.SessionOptions`` made (by ``OnnxRuntimeBackend``) has
-    ``session.intra_op.allow_spinning`` = 0: pool threads sleep between operators instead of
-    spin-waiting, leaving the cores to the other stages.
-
-    The backend has no setting for it, so this measures the proposed setting without changing
-    the backend: it swaps the class in the ``onnxruntime`` module and restores it on exit.
-    """
-    import onnxruntime as ort
-
-    original = ort.SessionOptions
-
-    class _NoSpinOptions(original):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            super().__init__()
-            self.add_session_config_entry("session.intra_op.allow_spinning", "0")
-
-    ort.SessionOptions = _NoSpinOptions
-    try:
-        yield
-    finally:
-        ort.SessionOptions = original
+def _inference_profile(result: dict[str, Any]) -> list[str]:
+    """Why the inference runs slower (or not) inside the pipeline than alone, in two lines."""
+    alone = result["stages"]["inference"]
+    inside = result["pipeline"]["stages"].get(INFER_STAGE)
+    p = result["pipeline"]
+    lines = [
+        f"cores busy {p['cores_busy']:.2f} of {result['machine']['cores']} during the pipeline run "
+        f"({p['process_cpu_ms_per_frame']:.0f} ms of CPU per frame, every thread of the process)"
+    ]
+    if inside is None or alone.get("cpu_ms_per_frame") is None or inside["cpu_ms_per_frame"] is None:
+        return lines
+    cpu_ratio = inside["cpu_ms_per_frame"] / alone["cpu_ms_per_frame"]
+    lines.append(
+        f"inference CPU per frame: {alone['cpu_ms_per_frame']:.1f} ms alone, "
+        f"{inside['cpu_ms_per_frame']:.1f} ms in the pipeline ({cpu_ratio:.3f}x), waiting for a "
+        f"core {_cell(inside['core_wait_ms_per_frame'])} ms per frame"
+    )
+    return lines
 
 
 def _cell(value: float | None, spec: str = ".1f") -> str:
@@ -736,7 +789,8 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=[b.value for b in Backend if b is not Backend.TENSORRT])
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--frames", type=int, default=0,
-                        help="frames to run; 0 = the whole clip; a shorter clip is looped (remuxed)")
+                        help=f"frames to run; 0 = the whole clip, at least {MIN_FRAMES} (a shorter "
+                             "clip is looped by remuxing)")
     parser.add_argument("--threads", type=_thread_list, default=(1,),
                         help="inference intra-op threads, or a comma list to compare (default 1)")
     parser.add_argument("--torch-threads", type=int, default=1,
@@ -750,9 +804,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nice-others", type=int, default=10,
                         help="pipeline run: nice value added to every stage thread but inference's "
                              "(default 10, as the app does for files; 0 = none)")
-    parser.add_argument("--ort-no-spin", action="store_true",
-                        help="ONNX Runtime pool threads sleep instead of spinning between operators "
-                             "(session.intra_op.allow_spinning=0)")
     parser.add_argument("--work-dir", type=Path, default=None,
                         help="for looped clips and output MP4s (default: a temporary folder)")
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -785,17 +836,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 capacity=args.capacity,
                 repeat=args.repeat,
                 nice_others=args.nice_others,
-                ort_no_spin=args.ort_no_spin,
                 work_dir=args.work_dir if args.work_dir is not None else Path(tmp),
             )
         except ValueError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        if config.ort_no_spin:
-            with ort_spinning_off():
-                result = run_bench(config, command)
-        else:
-            result = run_bench(config, command)
+        result = run_bench(config, command)
     print(format_report(result))
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)

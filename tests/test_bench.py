@@ -95,6 +95,21 @@ def test_pipeline_bench_reports_every_figure(bench_result: dict) -> None:
     assert r["machine"]["cores"] >= 1 and r["machine"]["cpu"]
 
 
+def test_pipeline_bench_profiles_the_threads(bench_result: dict) -> None:
+    """CPU time per frame of each stage's thread, the inference's alone and inside."""
+    p = bench_result["pipeline"]
+    for name, stage in p["stages"].items():
+        assert stage["cpu_ms_per_frame"] > 0, name
+        assert stage["core_wait_ms_per_frame"] is None or stage["core_wait_ms_per_frame"] >= 0
+    # One intra-op thread computes in the stage's own thread: its CPU is most of each call.
+    infer = p["stages"]["infer"]
+    assert 0.5 * infer["call_p50_ms"] <= infer["cpu_ms_per_frame"] <= 2.0 * infer["call_p95_ms"]
+    alone = bench_result["stages"]["inference"]
+    assert 0.5 * alone["call_p50_ms"] <= alone["cpu_ms_per_frame"] <= 2.0 * alone["call_p95_ms"]
+    assert 0 < p["cores_busy"] <= bench_result["machine"]["cores"] + 0.5
+    assert p["process_cpu_ms_per_frame"] >= sum(s["cpu_ms_per_frame"] for s in p["stages"].values()) * 0.9
+
+
 def test_pipeline_bench_ratios_come_from_the_figures(bench_result: dict) -> None:
     r = bench_result
     stage_fps = {name: figures["fps"] for name, figures in r["stages"].items()}
@@ -122,7 +137,11 @@ def test_pipeline_bench_loops_a_short_clip(tmp_path: Path) -> None:
     clip, frames, passes = bench_pipeline.prepare_clip(NIGHT_1080P, 20, tmp_path)
     assert (frames, passes) == (20, 3)
     assert clip != NIGHT_1080P and clip_frame_count(clip) == 24
-    assert bench_pipeline.prepare_clip(NIGHT_1080P, 0, tmp_path) == (NIGHT_1080P, 8, 1)
+    # Without --frames an 8-frame clip still gives the pipeline MIN_FRAMES to reach its pace.
+    looped, frames, passes = bench_pipeline.prepare_clip(NIGHT_1080P, 0, tmp_path)
+    assert (frames, passes) == (bench_pipeline.MIN_FRAMES, 38) and clip_frame_count(looped) == 304
+    if TRAFFIC.exists():  # long enough: the clip itself, whole
+        assert bench_pipeline.prepare_clip(TRAFFIC, 0, tmp_path) == (TRAFFIC, 335, 1)
 
 
 def test_pipeline_bench_refuses_bad_arguments() -> None:
