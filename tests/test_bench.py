@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import av
 import pytest
 
+from bench import contention as bench_contention
 from bench import pipeline as bench_pipeline
 from bench import soak as bench_soak
 from bench.common import clip_frame_count, least_squares_slope, loop_clip
@@ -149,6 +151,38 @@ def test_pipeline_bench_refuses_bad_arguments() -> None:
         bench_pipeline.BenchConfig(source=TRAFFIC, model=None, frames=-1)
     with pytest.raises(ValueError, match="--threads"):
         bench_pipeline.BenchConfig(source=TRAFFIC, model=None, intra_op_threads=(0,))
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="puts a neighbour on a second core")
+def test_contention_bench_times_every_neighbour(tmp_path: Path) -> None:
+    _need(NIGHT_1080P, OFFICIAL_ONNX)
+    out = tmp_path / "contention.json"
+    code = bench_contention.main([
+        "--model", str(OFFICIAL_ONNX), "--size", "n", "--imgsz", "640", "--clip", str(NIGHT_1080P),
+        "--runs", "2", "--rounds", "1", "--json", str(out),
+    ])
+    assert code == 0
+    r = json.loads(out.read_text())
+    assert [row["neighbour"] for row in r["rows"]] == list(bench_contention.NEIGHBOURS)
+    assert r["inference_cpu"] not in r["neighbour_cpus"]
+    idle = r["rows"][0]["median_ms"]
+    for row in r["rows"]:
+        assert row["calls"] == 2 and 0 < row["min_ms"] <= row["median_ms"]
+        assert row["vs_idle"] == pytest.approx(row["median_ms"] / idle, abs=2e-3)
+    # The neighbours were killed: no child process is left working.
+    assert not [c for c in os.listdir("/proc") if c.isdigit() and _is_neighbour(int(c))]
+
+
+def _is_neighbour(pid: int) -> bool:
+    try:
+        return "--neighbour" in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+    except OSError:
+        return False
+
+
+def test_contention_bench_refuses_a_missing_clip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_contention.main(["--clip", str(tmp_path / "none.mp4")]) == 2
+    assert "no clip at" in capsys.readouterr().err
 
 
 @pytest.mark.rtsp
