@@ -7,6 +7,7 @@ open; everything else is a plain function.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import platform
@@ -58,6 +59,14 @@ def machine_info() -> dict[str, Any]:
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "versions": versions,
     }
+
+
+def write_json(path: Path | None, result: dict[str, Any]) -> None:
+    """Write a benchmark's figures to ``path`` (its folder made if needed); nothing if ``None``."""
+    if path is None:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
 
 
 def runqueue_wait_s() -> float | None:

@@ -24,7 +24,6 @@ reaches the pipeline (the inference's CPU per frame alone and inside).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shlex
@@ -39,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import machine_info
+from bench.common import machine_info, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -242,9 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         **figures,
     }
     print(format_report(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 

@@ -43,7 +43,6 @@ does, so the bottleneck is not preempted by the stages waiting for it.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import statistics
@@ -58,7 +57,15 @@ from typing import Any
 
 import torch
 
-from bench.common import RssSampler, clip_frame_count, loop_clip, machine_info, rss_mib, runqueue_wait_s
+from bench.common import (
+    RssSampler,
+    clip_frame_count,
+    loop_clip,
+    machine_info,
+    rss_mib,
+    runqueue_wait_s,
+    write_json,
+)
 from pipeline.assemble import model_class_names
 from pipeline.config import BuffersConfig
 from pipeline.ring_buffer import OverflowPolicy
@@ -843,9 +850,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
         result = run_bench(config, command)
     print(format_report(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0
 
 

@@ -25,7 +25,6 @@ the end.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shlex
 import subprocess
@@ -41,7 +40,7 @@ from typing import Any
 
 import torch
 
-from bench.common import least_squares_slope, machine_info, rss_mib
+from bench.common import least_squares_slope, machine_info, rss_mib, write_json
 from pipeline.assemble import model_class_names
 from pipeline.metrics import percentile
 from pipeline.ring_buffer import OverflowPolicy
@@ -377,9 +376,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(format_report(result))
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return 0 if result["rss_ok"] and result["latency_ok"] else 3
 
 
