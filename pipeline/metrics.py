@@ -112,8 +112,8 @@ class StageMetrics:
         time_per_item_p50_ms, time_per_item_p95_ms: time inside the call, over the recent window.
         running: the stage's thread has not finished.
         latency: for a sink, source-to-write latency of the items it wrote; ``None`` otherwise.
-        cpu_s: CPU time of the stage's own thread since it started (setup included), or
-            ``None`` where the platform cannot tell. Threads its libraries start (FFmpeg's
+        cpu_s: CPU time of the stage's own thread since its setup finished (model loading
+            is not work per item), or ``None`` before then or where the platform cannot tell. Threads its libraries start (FFmpeg's
             decoder, x264, an ONNX Runtime pool) are not counted. Unlike ``busy_fraction``,
             which also counts time spent waiting for a core, this is work done: a stage whose
             calls take longer than its CPU time is being held up, not working.
@@ -173,10 +173,14 @@ class StageRecorder:
 
     def mark_started(self) -> None:
         """The stage's thread is running (called first thing in that thread)."""
-        clock = _thread_cpu_clock()
         with self._lock:
             self._started = True
             self._finished_s = None
+
+    def mark_set_up(self) -> None:
+        """The stage's setup is done (called from its thread): its CPU clock starts here."""
+        clock = _thread_cpu_clock()
+        with self._lock:
             self._cpu_clock, self._cpu_final_s = clock, None
             self._cpu_start_s = time.clock_gettime(clock) if clock is not None else 0.0
 

@@ -425,6 +425,7 @@ class Pipeline:
     def _source_loop(self, source: Source[Any]) -> None:
         recorder = self._recorders[source.name]
         source.setup()
+        recorder.mark_set_up()
         iterator: Iterator[Any] = iter(source.items())
         try:
             while not self._stop_requested.is_set():
@@ -452,6 +453,7 @@ class Pipeline:
     ) -> None:
         recorder = self._recorders[processor.name]
         processor.setup()
+        recorder.mark_set_up()
         last_stamp: float | None = None
         while True:
             envelope = inbox.get()
@@ -479,6 +481,7 @@ class Pipeline:
     def _sink_loop(self, sink: Sink[Any], inbox: RingBuffer[_Envelope]) -> None:
         recorder = self._recorders[sink.name]
         sink.setup()
+        recorder.mark_set_up()
         while True:
             envelope = inbox.get()
             if envelope is END_OF_STREAM:

@@ -307,6 +307,26 @@ def test_cpu_time_per_item_tells_work_from_waiting() -> None:
     assert pipe.metrics().stages[1].cpu_s == m["burn"].cpu_s
 
 
+class HeavySetup(Burner):
+    """Loads something expensive (200 ms of CPU) in setup, then does nearly nothing per item."""
+
+    def setup(self) -> None:
+        end = time.thread_time() + 0.2
+        while time.thread_time() < end:
+            pass
+
+
+@pytest.mark.skipif(not hasattr(time, "pthread_getcpuclockid"), reason="no per-thread CPU clock here")
+def test_cpu_time_leaves_out_setup() -> None:
+    """A model load is not work per frame: a short run must not show it as such."""
+    pipe = Pipeline(
+        [CountingSource(n=10)], [(HeavySetup("load", 0.0), BufferSpec())], [(CollectSink(), BufferSpec())]
+    )
+    pipe.run()
+    load = pipe.metrics().stages[1]
+    assert load.cpu_s is not None and load.cpu_s < 0.1
+
+
 # -- errors -------------------------------------------------------------------------------------
 
 
