@@ -334,36 +334,33 @@ class _StartGate:
             return self.opened_s
 
 
-class _ThreadClock:
-    """CPU time and time waiting for a core of the thread that calls ``start`` and ``stop``
-    (a stage's thread: from the end of its setup to the end of its teardown)."""
+class _CoreWait:
+    """Time the thread that calls ``start`` and ``stop`` spent runnable but without a core
+    (Linux schedstat): from the end of a stage's setup to the end of its teardown. The CPU
+    time of the same span is in the runner's metrics (``StageMetrics.cpu_s``)."""
 
     def __init__(self) -> None:
-        self.cpu_s: float | None = None
         self.wait_s: float | None = None
-        self._start: tuple[float, float | None] | None = None
+        self._start: float | None = None
 
     def start(self) -> None:
-        self._start = (time.thread_time(), runqueue_wait_s())
+        self._start = runqueue_wait_s()
 
     def stop(self) -> None:
-        if self._start is None:
-            return
-        cpu0, wait0 = self._start
-        self.cpu_s = time.thread_time() - cpu0
-        wait = runqueue_wait_s()
-        self.wait_s = None if wait is None or wait0 is None else wait - wait0
+        end = runqueue_wait_s()
+        if self._start is not None and end is not None:
+            self.wait_s = end - self._start
 
 
 class _Gated:
-    """A processor or sink that reports to the gate once set up and clocks its thread;
-    otherwise the stage itself."""
+    """A processor or sink that reports to the gate once set up and times its thread's waits
+    for a core; otherwise the stage itself."""
 
     def __init__(self, inner: Any, gate: _StartGate) -> None:
         self.inner = inner
         self.name: str = inner.name
         self._gate = gate
-        self.clock = _ThreadClock()
+        self.core_wait = _CoreWait()
 
     def setup(self) -> None:
         try:
@@ -371,7 +368,7 @@ class _Gated:
         finally:
             # Also on failure, so the source is never left waiting: the run aborts anyway.
             self._gate.arrive()
-            self.clock.start()
+            self.core_wait.start()
 
     def process(self, item: FramePacket) -> FramePacket | None:
         out: FramePacket | None = self.inner.process(item)
@@ -388,7 +385,7 @@ class _Gated:
         try:
             self.inner.teardown()
         finally:
-            self.clock.stop()
+            self.core_wait.stop()
 
 
 class _GatedSource:
@@ -400,14 +397,14 @@ class _GatedSource:
         self.name = inner.name
         self._gate = gate
         self._frames = frames
-        self.clock = _ThreadClock()
+        self.core_wait = _CoreWait()
 
     def setup(self) -> None:
         self.inner.setup()
 
     def items(self) -> Iterator[FramePacket]:
         self._gate.wait()
-        self.clock.start()
+        self.core_wait.start()
         return _take(self.inner.items(), self._frames)
 
     def request_stop(self) -> None:
@@ -417,7 +414,7 @@ class _GatedSource:
         try:
             self.inner.teardown()
         finally:
-            self.clock.stop()
+            self.core_wait.stop()
 
 
 def measure_pipeline(
@@ -437,7 +434,7 @@ def measure_pipeline(
     pipeline = Pipeline(
         [source], [(g, spec) for g in gated], [(gated_sink, spec)], thread_nice=nice
     )
-    clocks = {s.name: s.clock for s in every}
+    core_waits = {s.name: s.core_wait for s in every}
     rss_before = rss_mib()
     with RssSampler() as rss:
         pipeline.run()
@@ -463,9 +460,9 @@ def measure_pipeline(
                 "busy": round(s.busy_fraction, 3),
                 "call_p50_ms": _round(s.time_per_item_p50_ms),
                 "call_p95_ms": _round(s.time_per_item_p95_ms),
-                # The stage's own thread only; per frame the pipeline delivered.
-                "cpu_ms_per_frame": _per_frame(clocks[s.name].cpu_s, per_frame),
-                "core_wait_ms_per_frame": _per_frame(clocks[s.name].wait_s, per_frame),
+                # The stage's own thread only, from the end of its setup; per frame delivered.
+                "cpu_ms_per_frame": _per_frame(s.cpu_s, per_frame),
+                "core_wait_ms_per_frame": _per_frame(core_waits[s.name].wait_s, per_frame),
             }
             for s in metrics.stages
         },
