@@ -113,10 +113,11 @@ class StageMetrics:
         running: the stage's thread has not finished.
         latency: for a sink, source-to-write latency of the items it wrote; ``None`` otherwise.
         cpu_s: CPU time of the stage's own thread since its setup finished (model loading
-            is not work per item), or ``None`` before then or where the platform cannot tell. Threads its libraries start (FFmpeg's
-            decoder, x264, an ONNX Runtime pool) are not counted. Unlike ``busy_fraction``,
-            which also counts time spent waiting for a core, this is work done: a stage whose
-            calls take longer than its CPU time is being held up, not working.
+            is not work per item), or ``None`` before then or where the platform cannot tell.
+            Threads its libraries start (FFmpeg's decoder, x264, an ONNX Runtime pool) are not
+            counted. Unlike ``busy_fraction``, which also counts time spent waiting for a core,
+            this is work done: a stage whose calls take longer than its CPU time is being held
+            up, not working.
     """
 
     name: str

@@ -135,6 +135,23 @@ def test_teardown_after_k_frames_leaves_a_playable_file(tmp_path: Path, k: int) 
     np.testing.assert_allclose(times_s, [p.pts_s for p in packets], atol=1e-3)
 
 
+def test_pictures_reused_upstream_after_write_are_recorded_as_written(tmp_path: Path) -> None:
+    """A source may refill a picture's memory once write() returns: the sink keeps its own copy
+    of frames it holds (before the encoder opens) and copies the rest into the encoder at once."""
+    sink = VideoFileSink(VideoSinkConfig(path=str(tmp_path / "reuse.mp4"), annotate=False))
+    sink.setup()
+    shared = np.zeros((64, 64, 3), np.uint8)
+    levels = [40, 80, 120, 160, 200, 240, 30, 90]  # 8 frames: the first ones are held
+    for i, level in enumerate(levels):
+        shared[:] = level
+        sink.write(FramePacket(stream_id="0", index=i, pts_s=i / 25, image_rgb_u8=shared,
+                               arrival_s=time.monotonic()))
+    shared[:] = 0
+    sink.teardown()
+    images, _, _ = _read_video(tmp_path / "reuse.mp4")
+    assert [round(float(im.mean())) for im in images] == pytest.approx(levels, abs=3)
+
+
 def test_out_of_order_and_repeated_pts_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     pts = [0.0, 0.04, 0.04, 0.02, 0.08, 0.12, 0.16, 0.2]
     sink = VideoFileSink(VideoSinkConfig(path=str(tmp_path / "pts.mp4"), annotate=False))

@@ -169,9 +169,6 @@ class VideoFileSink(StageBase[FramePacket]):
             self._size = size
         if self.config.annotate and self._annotator is not None and item.detections is not None:
             picture = self._annotator.annotate(picture, item.detections, self.class_names)
-        elif picture.flags.writeable:
-            # The encoder may read it after this call returns; the packet may be reused upstream.
-            picture = picture.copy()
         if size != self._size:
             # A camera that came back at another resolution: an MP4 stream has one size, so
             # later pictures are scaled to the first one (after drawing, in their own pixels).
@@ -181,7 +178,10 @@ class VideoFileSink(StageBase[FramePacket]):
                                self.path, size[0], size[1], self._size[0], self._size[1])
             picture = cv2.resize(picture, self._size, interpolation=cv2.INTER_AREA)
         if self._container is None:
-            self._pending.append((picture, item.pts_s))
+            # Held until the encoder opens (a few frames): our own copy, as the packet's picture
+            # may be reused upstream. Once open, each picture is copied into its frame at once.
+            held = picture.copy() if picture is item.image_rgb_u8 else picture
+            self._pending.append((held, item.pts_s))
             if len(self._pending) < _RATE_PROBE_FRAMES:
                 return
             self._open()
