@@ -61,6 +61,14 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+def configure_logging(verbose: bool) -> None:
+    """What every benchmark's ``main`` logs: warnings, or with ``-v`` each step as it goes."""
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
 def write_json(path: Path | None, result: dict[str, Any]) -> None:
     """Write a benchmark's figures to ``path`` (its folder made if needed); nothing if ``None``."""
     if path is None:

@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from bench.common import machine_info, write_json
+from bench.common import configure_logging, machine_info, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -216,8 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.neighbour is not None:
         run_neighbour(args.neighbour, args.clip)
         return 0
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.verbose)
     if not args.clip.is_file():
         print(f"error: no clip at {args.clip}; pass --clip PATH to a video", file=sys.stderr)
         return 2

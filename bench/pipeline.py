@@ -60,13 +60,14 @@ import torch
 from bench.common import (
     RssSampler,
     clip_frame_count,
+    configure_logging,
     loop_clip,
     machine_info,
     rss_mib,
     runqueue_wait_s,
     write_json,
 )
-from pipeline.assemble import model_class_names
+from pipeline.assemble import model_class_names, nice_all_but_inference
 from pipeline.config import BuffersConfig
 from pipeline.ring_buffer import OverflowPolicy
 from pipeline.runner import BufferSpec, Pipeline
@@ -430,7 +431,7 @@ def measure_pipeline(
     gated_sink = _Gated(sink, gate)
     every: list[_Gated | _GatedSource] = [source, *gated, gated_sink]
     # As pipeline.assemble does for a file: every thread but the inference's yields the CPU.
-    nice = {s.name: config.nice_others for s in every if not isinstance(s.inner, InferenceStage)}
+    nice = nice_all_but_inference([s.inner for s in every], config.nice_others)
     pipeline = Pipeline(
         [source], [(g, spec) for g in gated], [(gated_sink, spec)], thread_nice=nice
     )
@@ -817,10 +818,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     argv_list = list(sys.argv[1:] if argv is None else argv)
     command = "python -m bench.pipeline " + shlex.join(argv_list)
     with tempfile.TemporaryDirectory(prefix="finestream-bench-") as tmp:

@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from bench.common import least_squares_slope, machine_info, rss_mib, write_json
+from bench.common import configure_logging, least_squares_slope, machine_info, rss_mib, write_json
 from pipeline.assemble import model_class_names
 from pipeline.metrics import percentile
 from pipeline.ring_buffer import OverflowPolicy
@@ -343,10 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.INFO if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(args.verbose)
     command = "python -m bench.soak " + shlex.join(list(sys.argv[1:] if argv is None else argv))
 
     def soak(url: str) -> dict[str, Any]:

@@ -127,7 +127,7 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
         # After a failure, a stage stuck in native code is given this long; with the CLI's
         # exit that keeps "failure to exit" within 5 s.
         join_timeout_s=3.0,
-        thread_nice=_nice_all_but_inference(sources, processors, sinks) if not live else None,
+        thread_nice=nice_all_but_inference([*sources, *processors, *sinks]) if not live else None,
     )
     return AssembledPipeline(pipeline=pipeline, sources=sources, live=live, outputs=outputs)
 
@@ -136,14 +136,12 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
 # other stages' threads would otherwise take turns on its core (bench/RESULTS.md: efficiency 0.83
 # -> 1.0 at 1080p on 2 cores). Live sources keep normal priority: a starved decoder would let
 # the camera's stream back up in the socket, which is latency.
-_BACKGROUND_NICE = 10
+BACKGROUND_NICE = 10
 
 
-def _nice_all_but_inference(
-    sources: Sequence[Source[Any]], processors: Sequence[Processor[Any, Any]], sinks: Sequence[Sink[Any]]
-) -> dict[str, int]:
-    stages: list[Any] = [*sources, *processors, *sinks]
-    return {s.name: _BACKGROUND_NICE for s in stages if not isinstance(s, InferenceStage)}
+def nice_all_but_inference(stages: Sequence[Any], nice: int = BACKGROUND_NICE) -> dict[str, int]:
+    """``Pipeline(thread_nice=...)`` for ``stages``: every stage but the inference at ``nice``."""
+    return {s.name: nice for s in stages if not isinstance(s, InferenceStage)}
 
 
 def model_class_names(config: InferConfig) -> list[str]:
