@@ -1,0 +1,1 @@
+"""Training D-FINE: data, augmentation, loss, optimisation, checkpoints (``finestream train``)."""
