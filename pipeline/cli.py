@@ -22,6 +22,7 @@ from typing import TextIO
 
 from pipeline.assemble import AssembledPipeline, build_pipeline
 from pipeline.config import AppConfig, CliOverrides, apply_overrides, load_config
+from pipeline.label_cli import add_label_command
 from pipeline.runner import StageError
 from pipeline.schema import ConfigError
 
@@ -122,6 +123,8 @@ def _build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--count", type=int, help="stop after this many messages")
     listen.add_argument("--timeout", type=float, help="stop after this many seconds")
     listen.set_defaults(handler=_cmd_listen)
+
+    add_label_command(commands)
     return parser
 
 
