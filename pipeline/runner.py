@@ -34,7 +34,16 @@ Latency: the engine wraps each item in an envelope stamped with ``time.monotonic
 source yields it; processors and sinks only see the bare item. A processor's output carries the
 stamp of the input it was returned for; items from ``flush()`` carry the stamp of the last input.
 
-Items are opaque here: this module knows nothing of frames or models.
+Events: beside the items, an ``EventChannel`` carries messages that are not items (a source
+lost its camera, a tracker ended a track, a summary). Any thread may ``publish()`` one; every
+processor and sink with an ``on_event(event)`` method subscribes when the pipeline is built and
+receives each event once, in its own thread, in publishing order: before the next item it
+processes and, while no items come, within ``_EVENT_POLL_S``. Events are never dropped by a
+buffer policy (each subscriber has its own unbounded mailbox: events are few, frames are not)
+and an event published before an item left a stage reaches a subscriber before that item does.
+A sink gets every event published before its end marker, then tears down.
+
+Items and events are opaque here: this module knows nothing of frames or models.
 """
 
 from __future__ import annotations
@@ -43,9 +52,10 @@ import logging
 import os
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 from pipeline.metrics import (
     LatencyMetrics,
@@ -56,13 +66,23 @@ from pipeline.metrics import (
 from pipeline.ring_buffer import END_OF_STREAM, BufferClosed, OverflowPolicy, RingBuffer
 from pipeline.stage import Processor, Sink, Source
 
-__all__ = ["BufferSpec", "Pipeline", "StageError"]
+__all__ = [
+    "BufferSpec",
+    "EventChannel",
+    "EventChannelStats",
+    "EventSubscriber",
+    "Pipeline",
+    "StageError",
+]
 
 logger = logging.getLogger(__name__)
 
 # How often join() re-checks when nothing notifies it: keeps the main thread responsive to
 # signals on every platform; the notifications do the real work.
 _JOIN_POLL_S = 0.25
+# How long a subscribing stage waits for an item before it looks at its mailbox: the most an
+# event waits while no items flow (a camera outage). 20 wake-ups a second cost nothing.
+_EVENT_POLL_S = 0.05
 
 
 class StageError(RuntimeError):
@@ -154,6 +174,102 @@ def _check_pairs(kind: str, pairs: Sequence[tuple[Any, BufferSpec]]) -> None:
             raise ValueError(f"{kind}[{i}] must be a ({kind[:-1]}, BufferSpec) pair, got {pair!r}")
 
 
+@runtime_checkable
+class EventSubscriber(Protocol):
+    """A processor or sink that receives the pipeline's events (in its own thread)."""
+
+    def on_event(self, event: Any) -> None: ...
+
+
+@dataclass(frozen=True)
+class EventChannelStats:
+    """Counters of an ``EventChannel``.
+
+    Attributes:
+        published: events published.
+        delivered: deliveries made (one event reaching three subscribers counts three).
+        undelivered: deliveries not made because the subscriber had already finished (an event
+            published after the end of the run) or the run was aborted.
+        subscribers: names of the subscribing stages.
+    """
+
+    published: int
+    delivered: int
+    undelivered: int
+    subscribers: tuple[str, ...]
+
+
+class _Mailbox:
+    """One subscriber's queue of events (unbounded; guarded by the channel's lock)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.events: deque[Any] = deque()
+        self.closed = False
+
+
+class EventChannel:
+    """Events beside the items: published from any thread, delivered to every subscriber.
+
+    Made by whoever assembles the pipeline (so stages can be given ``publish`` before the
+    ``Pipeline`` exists) and handed to ``Pipeline(events=...)``, which subscribes every stage
+    that has ``on_event``. Events published before that reach nobody (counted as published only).
+    ``publish`` never blocks beyond a short lock and is safe from any thread.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._mailboxes: list[_Mailbox] = []
+        self._published = 0
+        self._delivered = 0
+        self._undelivered = 0
+
+    def publish(self, event: Any) -> None:
+        """Queue ``event`` for every subscriber (the same object: subscribers must not modify it)."""
+        with self._lock:
+            self._published += 1
+            for box in self._mailboxes:
+                if box.closed:
+                    self._undelivered += 1
+                else:
+                    box.events.append(event)
+
+    def stats(self) -> EventChannelStats:
+        with self._lock:
+            return EventChannelStats(
+                published=self._published,
+                delivered=self._delivered,
+                undelivered=self._undelivered,
+                subscribers=tuple(b.name for b in self._mailboxes),
+            )
+
+    def _subscribe(self, name: str) -> _Mailbox:
+        box = _Mailbox(name)
+        with self._lock:
+            self._mailboxes.append(box)
+        return box
+
+    def _take(self, box: _Mailbox) -> list[Any]:
+        with self._lock:
+            if not box.events:
+                return []
+            events = list(box.events)
+            box.events.clear()
+            self._delivered += len(events)
+            return events
+
+    def _close(self, box: _Mailbox) -> None:
+        with self._lock:
+            box.closed = True
+            self._undelivered += len(box.events)
+            box.events.clear()
+
+
+def _subscriber(stage: Any) -> Callable[[Any], None] | None:
+    on_event = getattr(stage, "on_event", None)
+    return on_event if callable(on_event) else None
+
+
 class Pipeline:
     """Sources → processors (in a chain) → sinks (fanned out), each stage in its own thread.
 
@@ -164,6 +280,8 @@ class Pipeline:
             discarded, e.g. for a benchmark).
         join_timeout_s: after an abort, how long ``join()`` waits for stage threads blocked
             outside the buffers before it logs them and gives up on them.
+        events: the channel whose events reach every processor and sink with ``on_event``;
+            ``None``: a channel of its own (``Pipeline.events``), for stages that publish later.
     """
 
     def __init__(
@@ -174,6 +292,7 @@ class Pipeline:
         *,
         join_timeout_s: float = 5.0,
         thread_nice: Mapping[str, int] | None = None,
+        events: EventChannel | None = None,
     ) -> None:
         """``thread_nice`` maps stage names to a nice increment (0..19) for that stage's thread
         (Linux: per thread; threads it starts, such as FFmpeg's, inherit it). Raising it for
@@ -215,6 +334,12 @@ class Pipeline:
         chain_ins = [_Outlet([b]) for b in self._proc_inputs] + [_Outlet(self._sink_inputs)]
         self._source_outlet = chain_ins[0]
         self._proc_outlets = chain_ins[1:]
+
+        self.events = events if events is not None else EventChannel()
+        self._mailboxes: dict[str, _Mailbox] = {}
+        for stage in (*self._processors, *self._sinks):
+            if _subscriber(stage) is not None:
+                self._mailboxes[stage.name] = self.events._subscribe(stage.name)
 
         self._recorders: dict[str, StageRecorder] = {}
         for src in self._sources:
@@ -415,6 +540,9 @@ class Pipeline:
                 logger.error("stage '%s': teardown failed: %s", name, exc)
                 logger.debug("stage '%s': teardown traceback", name, exc_info=True)
                 self._fail(name, exc, logged=True)
+            box = self._mailboxes.get(name)
+            if box is not None:
+                self.events._close(box)
             recorder.mark_finished()
             with self._changed:
                 self._threads_left -= 1
@@ -454,17 +582,20 @@ class Pipeline:
         recorder = self._recorders[processor.name]
         processor.setup()
         recorder.mark_set_up()
+        deliver = self._deliverer(processor)
         last_stamp: float | None = None
         while True:
-            envelope = inbox.get()
+            envelope = self._get(inbox, deliver)
             if envelope is END_OF_STREAM:
                 break
+            deliver()
             last_stamp = envelope.source_s
             start = time.monotonic()
             out = processor.process(envelope.item)
             recorder.record_item(start, time.monotonic())
             if out is not None:
                 outlet.put(_Envelope(out, envelope.source_s))
+        deliver()  # what came up to the end, before the flush may act on it
         stamp = time.monotonic() if last_stamp is None else last_stamp
         flushed = iter(processor.flush())
         while True:
@@ -482,15 +613,43 @@ class Pipeline:
         recorder = self._recorders[sink.name]
         sink.setup()
         recorder.mark_set_up()
+        deliver = self._deliverer(sink)
         while True:
-            envelope = inbox.get()
+            envelope = self._get(inbox, deliver)
             if envelope is END_OF_STREAM:
+                # Every stage upstream has finished, so every event it published is here.
+                deliver()
                 break
+            deliver()
             start = time.monotonic()
             sink.write(envelope.item)
             done = time.monotonic()
             recorder.record_item(start, done)
             recorder.record_latency(done - envelope.source_s)
+
+    def _deliverer(self, stage: Any) -> Callable[[], None]:
+        """A function that hands ``stage`` the events in its mailbox (a no-op if it has none)."""
+        box = self._mailboxes.get(stage.name)
+        on_event = _subscriber(stage)
+        if box is None or on_event is None:
+            return _nothing
+        channel = self.events
+
+        def deliver() -> None:
+            for event in channel._take(box):
+                on_event(event)
+
+        return deliver
+
+    def _get(self, inbox: RingBuffer[_Envelope], deliver: Callable[[], None]) -> Any:
+        """The next envelope (or the end); a subscriber gets its events while it waits."""
+        if deliver is _nothing:
+            return inbox.get()
+        while True:
+            try:
+                return inbox.get(timeout=_EVENT_POLL_S)
+            except TimeoutError:
+                deliver()
 
     # -- failure ---------------------------------------------------------------------------
 
@@ -550,6 +709,10 @@ class Pipeline:
         if name is None:
             raise StageError(f"pipeline aborted: {exc}", None) from exc
         raise StageError(f"stage '{name}' failed: {exc}", name) from exc
+
+
+def _nothing() -> None:
+    pass
 
 
 def _bind(fn: Callable[..., None], *args: Any) -> Callable[[], None]:

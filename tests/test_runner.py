@@ -9,12 +9,12 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
 from pipeline.ring_buffer import OverflowPolicy
-from pipeline.runner import BufferSpec, Pipeline, StageError
+from pipeline.runner import BufferSpec, EventChannel, Pipeline, StageError
 from pipeline.stage import StageBase
 
 # The bounded-time guarantees asked of the engine ("exits within 5 s").
@@ -634,3 +634,103 @@ def test_thread_nice_lowers_only_the_named_stages() -> None:
     with pytest.raises(ValueError, match="names no stage"):
         Pipeline([CountingSource("src", 1)], [], [(CollectSink("sink"), BufferSpec())],
                  thread_nice={"nope": 1})
+
+
+# -- the event channel ----------------------------------------------------------------------
+
+
+class EventLog(CollectSink):
+    """A sink that records items and events in the order its thread saw them."""
+
+    def __init__(self, name: str = "log", delay_s: float = 0.0) -> None:
+        super().__init__(name, delay_s=delay_s)
+        self.seen: list[tuple[str, object]] = []
+        self.event_threads: set[str] = set()
+
+    def write(self, item: int) -> None:
+        super().write(item)
+        self.seen.append(("item", item))
+
+    def on_event(self, event: object) -> None:
+        self.event_threads.add(threading.current_thread().name)
+        self.seen.append(("event", event))
+
+
+class Announcer(Square):
+    """Publishes ("square", n) for every 10th item before passing it on, and ("done",) in flush."""
+
+    def __init__(self, publish: Callable[[object], None]) -> None:
+        super().__init__("announce")
+        self.publish = publish
+        self.heard: list[object] = []
+
+    def process(self, item: int) -> int | None:
+        if item % 10 == 0:
+            self.publish(("square", item))
+        return item
+
+    def on_event(self, event: object) -> None:
+        self.heard.append(event)
+
+    def flush(self) -> Iterable[int]:
+        self.publish(("done",))
+        return ()
+
+
+def test_events_reach_every_subscriber_before_the_item_they_were_published_with() -> None:
+    channel = EventChannel()
+    announcer = Announcer(channel.publish)
+    logs = [EventLog("log_a"), EventLog("log_b", delay_s=0.001)]
+    plain = CollectSink("plain")  # no on_event: not subscribed
+    pipe = Pipeline([CountingSource(n=50)], [(announcer, BufferSpec(2))],
+                    [(log, BufferSpec(2)) for log in logs] + [(plain, BufferSpec(2))],
+                    events=channel)
+    pipe.run()
+    for log in logs:
+        events = [e for kind, e in log.seen if kind == "event"]
+        assert events == [("square", n) for n in range(0, 50, 10)] + [("done",)]
+        order = [e for e in log.seen]
+        for n in range(0, 50, 10):
+            assert order.index(("event", ("square", n))) < order.index(("item", n))
+        assert log.event_threads == {log.name}  # delivered in the sink's own thread
+    # A publisher hears its own events too, except the one from its flush: it has finished.
+    assert announcer.heard == [("square", n) for n in range(0, 50, 10)]
+    assert plain.written == list(range(50))
+    stats = channel.stats()
+    assert stats.subscribers == ("announce", "log_a", "log_b")
+    assert (stats.published, stats.delivered, stats.undelivered) == (6, 17, 1)
+
+
+def test_events_are_never_dropped_by_a_leaky_buffer() -> None:
+    channel = EventChannel()
+    announcer = Announcer(channel.publish)
+    log = EventLog(delay_s=0.002)
+    pipe = Pipeline([CountingSource(n=400)], [(announcer, BufferSpec(1))],
+                    [(log, BufferSpec(1, OverflowPolicy.DROP_OLDEST))], events=channel)
+    pipe.run()
+    items = [e for kind, e in log.seen if kind == "item"]
+    events = [e for kind, e in log.seen if kind == "event"]
+    assert len(items) < 400  # the slow sink lost items...
+    assert events == [("square", n) for n in range(0, 400, 10)] + [("done",)]  # ...no events
+
+
+def test_an_event_published_while_no_items_flow_arrives_at_once() -> None:
+    channel = EventChannel()
+    gate = threading.Event()
+
+    class Quiet(CountingSource):
+        def items(self) -> Iterator[int]:
+            yield 0
+            channel.publish("camera lost")  # and then nothing comes for a while
+            gate.wait(BOUND_S)
+            yield 1
+
+    log = EventLog()
+    pipe = Pipeline([Quiet()], [], [(log, BufferSpec())], events=channel)
+    pipe.start()
+    try:
+        _wait_for(lambda: ("event", "camera lost") in log.seen, timeout=1.0)
+    finally:
+        gate.set()
+    pipe.join(timeout=BOUND_S)
+    assert log.seen == [("item", 0), ("event", "camera lost"), ("item", 1)]
