@@ -15,15 +15,21 @@ normalized cx, cy, w, h, from decoder layer ``eval_idx``.
    from the initial boxes. The class logits of layer ``eval_idx`` get the LQE term.
 
 In eval mode the layers after ``eval_idx`` are skipped (their weights stay loadable, as the
-official checkpoints hold them; ``DFineDecoder.drop_unused_layers`` removes them). Training
-(denoising query groups, auxiliary outputs for the loss) is not implemented: the hooks are
-marked ``TRAINING HOOK``.
+official checkpoints hold them; ``DFineDecoder.drop_unused_layers`` removes them).
+
+In train mode every layer runs and the decoder returns the official outputs dict that the
+criterion consumes (see ``DFineDecoder.forward_train``): each layer's logits, boxes and corner
+logits, the layer-0 "pre" head, the encoder's top-k head, and, when a ``DenoisingGroup`` is
+given or built from the targets, the same for the denoising queries placed in front of the
+matching ones. Anchors are made from the actual feature shapes in both modes.
 """
 
 from __future__ import annotations
 
 import copy
 from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -31,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfine.deformable_attention import MSDeformableAttention
+from dfine.denoising import DenoisingGroup, make_denoising_group
 from dfine.fdr import LQE, distance_to_box, distribution_integral, weighting_function
 from dfine.layers import MLP, bias_for_prior, inverse_sigmoid
 
@@ -81,7 +88,7 @@ class DecoderLayer(nn.Module):
     ) -> torch.Tensor:
         """``target`` ``(B, Q, C)``, ``reference_boxes`` ``(B, Q, 1, 4)`` → ``(B, Q, C)``.
 
-        ``attn_mask`` keeps denoising groups apart in training (TRAINING HOOK).
+        ``attn_mask`` bool ``(Q, Q)``, True = blocked: keeps denoising groups apart in training.
         """
         q = k = target + query_pos
         attn, _ = self.self_attn(q, k, value=target, attn_mask=attn_mask)
@@ -196,8 +203,10 @@ class DFineDecoder(nn.Module):
         layer = DecoderLayer(hidden_dim, nhead, dim_feedforward, list(num_points))
         self.decoder = TransformerDecoder(layer, num_layers, nhead, reg_max, self.up, self.reg_scale)
 
-        # TRAINING HOOK: denoising queries are built from these class embeddings
-        # (official get_contrastive_denoising_training_group); unused at inference.
+        # Denoising queries take their content from these class embeddings (row num_classes
+        # is the zero padding row); unused at inference. The embedding exists even with
+        # num_denoising = 0, unlike the official model, so that every checkpoint (ours and
+        # the official ones) loads strictly into every build.
         self.num_denoising = num_denoising
         self.label_noise_ratio = label_noise_ratio
         self.box_noise_scale = box_noise_scale
@@ -297,15 +306,14 @@ class DFineDecoder(nn.Module):
             flat.append(x.flatten(2).permute(0, 2, 1))
         return torch.cat(flat, dim=1), shapes
 
-    def select_queries(
-        self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Query selection.
+    def _score_cells(
+        self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]], anchor_dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Score every cell and pick the top ``Q``.
 
-        Returns:
-            content ``(B, Q, C)``, reference boxes as logits ``(B, Q, 4)`` (cx, cy, w, h before
-            sigmoid), and the selected indices ``(B, Q)`` int64 into the flattened cells
-            (finest level first, row-major), best first.
+        Returns the class logits of every cell ``(B, L, num_classes)``, the selected
+        indices ``(B, Q)`` int64 (best first), the selected cells' projected memory
+        ``(B, Q, C)`` and their reference boxes as logits ``(B, Q, 4)``, none detached.
         """
         num_cells = sum(h * w for h, w in spatial_shapes)
         if num_cells < self.num_queries:
@@ -313,7 +321,7 @@ class DFineDecoder(nn.Module):
                 f"the input gives {num_cells} feature cells, fewer than the {self.num_queries} queries; "
                 "use a larger input size"
             )
-        anchors, valid = self.anchors_for(spatial_shapes, memory.device, memory.dtype)
+        anchors, valid = self.anchors_for(spatial_shapes, memory.device, anchor_dtype)
         # Cells too close to the border carry zero memory and infinite anchors; the official
         # model still lets them compete in the top-k, and so does this one.
         memory = valid.to(memory.dtype) * memory
@@ -326,16 +334,160 @@ class DFineDecoder(nn.Module):
         topk_memory = enc_memory.gather(1, index.expand(-1, -1, enc_memory.shape[-1]))
         topk_anchors = anchors.expand(batch, -1, -1).gather(1, index.expand(-1, -1, 4))
         ref_logits = self.enc_bbox_head(topk_memory) + topk_anchors
-        # TRAINING HOOK: the encoder's top-k logits and boxes feed the loss
-        # (enc_aux_outputs); denoising queries are concatenated in front of these.
+        return enc_logits, topk_index, topk_memory, ref_logits
+
+    def select_queries(
+        self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Query selection.
+
+        Returns:
+            content ``(B, Q, C)``, reference boxes as logits ``(B, Q, 4)`` (cx, cy, w, h before
+            sigmoid), and the selected indices ``(B, Q)`` int64 into the flattened cells
+            (finest level first, row-major), best first.
+        """
+        _, topk_index, topk_memory, ref_logits = self._score_cells(memory, spatial_shapes, memory.dtype)
         return topk_memory.detach(), ref_logits.detach(), topk_index
 
-    def forward(self, feats: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Encoder maps → ``{"pred_logits": (B, Q, C), "pred_boxes": (B, Q, 4) cxcywh}``."""
+    def select_queries_train(self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]) -> QuerySelection:
+        """Query selection keeping what the loss needs (the encoder head of the selected cells).
+
+        The anchors are float32 whatever the memory's dtype, as in the official training
+        (under autocast the box logits then come out in float32).
+        """
+        enc_logits, topk_index, topk_memory, ref_logits = self._score_cells(memory, spatial_shapes, torch.float32)
+        index = topk_index.unsqueeze(-1)
+        return QuerySelection(
+            content=topk_memory.detach(),
+            ref_points_unact=ref_logits.detach(),
+            topk_index=topk_index,
+            enc_logits=enc_logits,
+            topk_logits=enc_logits.gather(1, index.expand(-1, -1, enc_logits.shape[-1])),
+            topk_boxes=torch.sigmoid(ref_logits),
+        )
+
+    def forward(
+        self,
+        feats: list[torch.Tensor],
+        targets: Sequence[dict[str, torch.Tensor]] | None = None,
+        denoising: DenoisingGroup | None = None,
+    ) -> dict[str, Any]:
+        """Encoder maps → predictions.
+
+        Eval mode: ``{"pred_logits": (B, Q, C), "pred_boxes": (B, Q, 4) cxcywh}``; ``targets``
+        and ``denoising`` are ignored. Train mode: the official outputs dict of
+        ``forward_train``.
+        """
+        if self.training:
+            return self.forward_train(feats, targets, denoising)
         memory, spatial_shapes = self.flatten_features(feats)
         content, ref_logits, _ = self.select_queries(memory, spatial_shapes)
         logits, boxes = self.refine(content, ref_logits, memory, spatial_shapes)
         return {"pred_logits": logits, "pred_boxes": boxes}
+
+    def make_denoising(self, targets: Sequence[dict[str, torch.Tensor]]) -> DenoisingGroup | None:
+        """This decoder's denoising group for ``targets`` (None when ``num_denoising`` is 0)."""
+        return make_denoising_group(
+            targets,
+            self.num_classes,
+            self.num_queries,
+            self.denoising_class_embed,
+            num_denoising=self.num_denoising,
+            label_noise_ratio=self.label_noise_ratio,
+            box_noise_scale=self.box_noise_scale,
+        )
+
+    def forward_train(
+        self,
+        feats: list[torch.Tensor],
+        targets: Sequence[dict[str, torch.Tensor]] | None = None,
+        denoising: DenoisingGroup | None = None,
+    ) -> dict[str, Any]:
+        """All layers, with everything the D-FINE criterion reads (official keys and meaning).
+
+        Args:
+            feats: the encoder maps, finest first.
+            targets: per image ``labels`` int64 ``(n,)`` and ``boxes`` float32 ``(n, 4)``
+                normalised cxcywh; used to build the denoising group unless ``denoising`` is
+                given. None: no denoising.
+            denoising: a ready denoising group (e.g. fixed inputs in a test); wins over
+                ``targets``.
+
+        Returns:
+            With ``Q`` matching queries, ``D`` denoising queries and ``K`` = 4 * (reg_max + 1)
+            corner logits (edge-major: left, top, right, bottom):
+            ``pred_logits`` ``(B, Q, C)`` (last layer, LQE included), ``pred_boxes`` ``(B, Q, 4)``
+            cxcywh, ``pred_corners`` ``(B, Q, K)``, ``ref_points`` ``(B, Q, 4)`` cxcywh (the
+            detached layer-0 "pre" boxes every layer's offsets start from), ``up`` and
+            ``reg_scale`` (the ``(1,)`` parameters); ``aux_outputs``: one dict per earlier
+            layer with those four keys plus ``teacher_corners`` / ``teacher_logits`` (the last
+            layer's, not detached); ``pre_outputs``: ``pred_logits`` (layer 0's class head
+            without LQE) and ``pred_boxes`` (the pre head); ``enc_aux_outputs``: one dict with
+            the encoder head's ``pred_logits`` and ``pred_boxes`` of the selected cells;
+            ``enc_meta``: ``{"class_agnostic": False}``. With denoising also ``dn_outputs``
+            (every layer, ``D`` queries, teacher = the last denoising layer),
+            ``dn_pre_outputs`` and ``dn_meta``. Query order = the selection order.
+        """
+        memory, spatial_shapes = self.flatten_features(feats)
+        if denoising is None and targets is not None:
+            denoising = self.make_denoising(targets)
+        selection = self.select_queries_train(memory, spatial_shapes)
+        content, ref_logits, attn_mask = selection.content, selection.ref_points_unact, None
+        num_dn = 0
+        if denoising is not None:
+            num_dn = denoising.num_queries
+            if num_dn:
+                content = torch.cat([denoising.query_logits.to(content.dtype), content], dim=1)
+                ref_logits = torch.cat([denoising.ref_points_unact.to(ref_logits.dtype), ref_logits], dim=1)
+                attn_mask = denoising.attn_mask
+
+        states = self.run_layers(content, ref_logits, memory, spatial_shapes, len(self.decoder.layers), attn_mask)
+        logits = [self.class_logits(i, h, c) for i, (h, c) in enumerate(zip(states.hidden, states.corners))]
+        pre_logits = self.dec_score_head[0](states.hidden[0])
+
+        def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            return t[:, :num_dn], t[:, num_dn:]
+
+        def layer_dicts(part: int) -> list[dict[str, torch.Tensor]]:
+            per_layer = [
+                {
+                    "pred_logits": split(lg)[part],
+                    "pred_boxes": split(bx)[part],
+                    "pred_corners": split(cr)[part],
+                    "ref_points": split(states.ref_points)[part],
+                }
+                for lg, bx, cr in zip(logits, states.boxes, states.corners)
+            ]
+            for d in per_layer:
+                d["teacher_corners"] = per_layer[-1]["pred_corners"]
+                d["teacher_logits"] = per_layer[-1]["pred_logits"]
+            return per_layer
+
+        layers = layer_dicts(1)
+        out: dict[str, Any] = {
+            "pred_logits": layers[-1]["pred_logits"],
+            "pred_boxes": layers[-1]["pred_boxes"],
+            "pred_corners": layers[-1]["pred_corners"],
+            "ref_points": layers[-1]["ref_points"],
+            "up": self.up,
+            "reg_scale": self.reg_scale,
+            "aux_outputs": layers[:-1],
+            "enc_aux_outputs": [{"pred_logits": selection.topk_logits, "pred_boxes": selection.topk_boxes}],
+            "pre_outputs": {"pred_logits": split(pre_logits)[1], "pred_boxes": split(states.pre_boxes)[1]},
+            "enc_meta": {"class_agnostic": False},
+        }
+        if denoising is not None:
+            out["dn_outputs"] = layer_dicts(0)
+            out["dn_pre_outputs"] = {
+                "pred_logits": split(pre_logits)[0],
+                "pred_boxes": split(states.pre_boxes)[0],
+            }
+            out["dn_meta"] = denoising.dn_meta
+        return out
+
+    def class_logits(self, layer: int, hidden: torch.Tensor, corners: torch.Tensor) -> torch.Tensor:
+        """Layer ``layer``'s class logits ``(B, N, C)``: its score head plus the LQE term."""
+        return self.decoder.lqe_layers[layer](self.dec_score_head[layer](hidden), corners)
 
     def refine(
         self,
@@ -344,11 +496,34 @@ class DFineDecoder(nn.Module):
         memory: torch.Tensor,
         spatial_shapes: list[tuple[int, int]],
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run the decoder layers up to ``eval_idx``.
+        """Run the decoder layers up to ``eval_idx`` (inference).
 
         Returns the class logits ``(B, Q, C)`` and boxes ``(B, Q, 4)`` cxcywh of layer
-        ``eval_idx``. (Training would run all layers and keep every layer's outputs for the
-        auxiliary losses — TRAINING HOOK; the detach points below are the official ones.)
+        ``eval_idx``.
+        """
+        states = self.run_layers(content, ref_logits, memory, spatial_shapes, self.eval_idx + 1)
+        return self.class_logits(self.eval_idx, states.hidden[-1], states.corners[-1]), states.boxes[-1]
+
+    def run_layers(
+        self,
+        content: torch.Tensor,
+        ref_logits: torch.Tensor,
+        memory: torch.Tensor,
+        spatial_shapes: list[tuple[int, int]],
+        num_layers: int,
+        attn_mask: torch.Tensor | None = None,
+    ) -> LayerStates:
+        """Run the first ``num_layers`` decoder layers with FDR box refinement.
+
+        Args:
+            content: ``(B, N, C)`` query content; ref_logits: ``(B, N, 4)`` reference boxes
+                before sigmoid (both detached by the caller, as in the official model).
+            memory: ``(B, L, C)`` flattened encoder maps; spatial_shapes: ``(H_l, W_l)``.
+            attn_mask: bool ``(N, N)``, True = blocked, for the self-attention.
+
+        The detach points are the official ones: the reference box each layer attends
+        around and the previous output fed to the next distribution head are detached; the
+        corner logits accumulate with their gradients.
         """
         dec = self.decoder
         values = dec.split_values(memory, spatial_shapes)
@@ -358,15 +533,16 @@ class DFineDecoder(nn.Module):
         output_prev: torch.Tensor | None = None
         corners_prev: torch.Tensor | None = None
         ref_boxes = torch.sigmoid(ref_logits)
-        initial_boxes = ref_boxes
-        for i in range(self.eval_idx + 1):
+        initial_boxes = pre_boxes = ref_boxes
+        hidden, all_corners, all_boxes = [], [], []
+        for i in range(num_layers):
             query_pos = self.query_pos_head(ref_boxes).clamp(min=-10, max=10)
-            output = dec.layers[i](output, ref_boxes.unsqueeze(2), values, spatial_shapes, query_pos)
+            output = dec.layers[i](output, ref_boxes.unsqueeze(2), values, spatial_shapes, query_pos, attn_mask)
 
             if i == 0:
                 # Layer 0 sets the initial boxes that all FDR offsets are relative to.
-                initial_boxes = torch.sigmoid(self.pre_bbox_head(output) + inverse_sigmoid(ref_boxes))
-                initial_boxes = initial_boxes.detach()
+                pre_boxes = torch.sigmoid(self.pre_bbox_head(output) + inverse_sigmoid(ref_boxes))
+                initial_boxes = pre_boxes.detach()
 
             # Each layer's distribution head sees its output plus the previous layer's
             # (detached), and its logits refine the previous layer's.
@@ -375,15 +551,54 @@ class DFineDecoder(nn.Module):
             if corners_prev is not None:
                 corners = corners + corners_prev
             boxes = distance_to_box(initial_boxes, distribution_integral(corners, project, self.reg_max), self.reg_scale)
-
-            if i == self.eval_idx:
-                scores = dec.lqe_layers[i](self.dec_score_head[i](output), corners)
-                return scores, boxes
+            hidden.append(output)
+            all_corners.append(corners)
+            all_boxes.append(boxes)
 
             corners_prev = corners
             ref_boxes = boxes.detach()
             output_prev = output.detach()
-        raise AssertionError("unreachable: the loop returns at eval_idx")
+        return LayerStates(hidden, all_corners, all_boxes, initial_boxes, pre_boxes)
+
+
+@dataclass(frozen=True)
+class QuerySelection:
+    """The query selection of a training forward.
+
+    Attributes:
+        content: ``(B, Q, C)`` the selected cells' projected memory, detached.
+        ref_points_unact: ``(B, Q, 4)`` their reference boxes before sigmoid, detached.
+        topk_index: ``(B, Q)`` int64, the selected cells, best first.
+        enc_logits: ``(B, L, num_classes)`` the encoder class head on every cell.
+        topk_logits: ``(B, Q, num_classes)`` its logits of the selected cells.
+        topk_boxes: ``(B, Q, 4)`` cxcywh, sigmoid of the selected cells' box logits.
+    """
+
+    content: torch.Tensor
+    ref_points_unact: torch.Tensor
+    topk_index: torch.Tensor
+    enc_logits: torch.Tensor
+    topk_logits: torch.Tensor
+    topk_boxes: torch.Tensor
+
+
+@dataclass(frozen=True)
+class LayerStates:
+    """What each decoder layer produced (index = layer), ``N`` queries.
+
+    Attributes:
+        hidden: per layer ``(B, N, C)`` output.
+        corners: per layer ``(B, N, 4 * (reg_max + 1))`` accumulated corner logits.
+        boxes: per layer ``(B, N, 4)`` cxcywh.
+        ref_points: ``(B, N, 4)`` cxcywh, the detached layer-0 pre boxes (FDR reference).
+        pre_boxes: ``(B, N, 4)`` cxcywh, the same, with their gradient.
+    """
+
+    hidden: list[torch.Tensor]
+    corners: list[torch.Tensor]
+    boxes: list[torch.Tensor]
+    ref_points: torch.Tensor
+    pre_boxes: torch.Tensor
 
 
 def generate_anchors(spatial_shapes: list[tuple[int, int]]) -> tuple[torch.Tensor, torch.Tensor]:

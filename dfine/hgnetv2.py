@@ -273,6 +273,9 @@ class HGNetv2(nn.Module):
         return_idx: which stages' outputs to return, e.g. ``(2, 3)`` for strides 16 and 32.
         use_lab: learnable affine after each activation (the N, S and M checkpoints have it).
         freeze_norm: frozen batch norms (buffers, as in the L and X checkpoints).
+        freeze_at: -1 trains everything; ``k >= 0`` sets ``requires_grad=False`` on the stem
+            and, unless ``freeze_stem_only``, on stages 0..k too (official semantics).
+        freeze_stem_only: with ``freeze_at >= 0``, freeze only the stem.
     """
 
     def __init__(
@@ -281,6 +284,8 @@ class HGNetv2(nn.Module):
         return_idx: tuple[int, ...] = (1, 2, 3),
         use_lab: bool = False,
         freeze_norm: bool = False,
+        freeze_at: int = -1,
+        freeze_stem_only: bool = True,
     ) -> None:
         super().__init__()
         if variant not in HGNETV2_VARIANTS:
@@ -294,6 +299,13 @@ class HGNetv2(nn.Module):
         self.out_strides = [4 * 2**i for i in self.return_idx]
         self.stem = StemBlock(*spec.stem_channels, use_lab=use_lab)
         self.stages = nn.ModuleList(HGStage(s, use_lab) for s in spec.stages)
+        if freeze_at >= 0:
+            frozen: list[nn.Module] = [self.stem]
+            if not freeze_stem_only:
+                frozen += list(self.stages[: freeze_at + 1])
+            for part in frozen:
+                for param in part.parameters():
+                    param.requires_grad_(False)
         if freeze_norm:
             _freeze_batch_norms(self)
 

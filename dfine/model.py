@@ -7,17 +7,21 @@ checkpoints load with strict key matching (see ``dfine.checkpoint``).
 Input: float32 ``(B, 3, H, W)``, RGB in [0, 1] (no mean/std normalisation), H and W multiples
 of 32 (the official models are trained at 640x640). Output, in eval mode: ``pred_logits``
 ``(B, Q, num_classes)`` raw logits (sigmoid gives the score) and ``pred_boxes`` ``(B, Q, 4)``
-normalized cx, cy, w, h; ``Q`` = 300 queries.
+normalized cx, cy, w, h; ``Q`` = 300 queries. In train mode, ``model(images, targets)`` gives
+the official outputs dict that the D-FINE criterion reads (see ``DFineDecoder.forward_train``).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from dfine.decoder import DFineDecoder
+from dfine.denoising import DenoisingGroup
 from dfine.encoder import HybridEncoder
 from dfine.hgnetv2 import HGNetv2
 
@@ -45,29 +49,33 @@ class DFineSize:
     eval_idx: int
     num_points: tuple[int, ...]
     reg_scale: float
+    # Backbone freezing for training (official HGNetv2 freeze_at / freeze_stem_only): stages
+    # up to freeze_at (or only the stem) get requires_grad=False; -1 freezes nothing.
+    freeze_at: int = -1
+    freeze_stem_only: bool = True
 
 
 # From configs/dfine/dfine_hgnetv2_{n,s,m,l,x}_coco.yml over include/dfine_hgnetv2.yml.
 SIZES: dict[str, DFineSize] = {
     "n": DFineSize(
         "n", "B0", (2, 3), True, False, (512, 1024), (16, 32),
-        128, 512, 0.34, 0.5, 128, 512, 3, -1, (6, 6), 4.0,
+        128, 512, 0.34, 0.5, 128, 512, 3, -1, (6, 6), 4.0, freeze_at=-1,
     ),
     "s": DFineSize(
         "s", "B0", (1, 2, 3), True, False, (256, 512, 1024), (8, 16, 32),
-        256, 1024, 0.5, 0.34, 256, 1024, 3, -1, (3, 6, 3), 4.0,
+        256, 1024, 0.5, 0.34, 256, 1024, 3, -1, (3, 6, 3), 4.0, freeze_at=-1,
     ),
     "m": DFineSize(
         "m", "B2", (1, 2, 3), True, False, (384, 768, 1536), (8, 16, 32),
-        256, 1024, 1.0, 0.67, 256, 1024, 4, -1, (3, 6, 3), 4.0,
+        256, 1024, 1.0, 0.67, 256, 1024, 4, -1, (3, 6, 3), 4.0, freeze_at=-1,
     ),
     "l": DFineSize(
         "l", "B4", (1, 2, 3), False, True, (512, 1024, 2048), (8, 16, 32),
-        256, 1024, 1.0, 1.0, 256, 1024, 6, -1, (3, 6, 3), 4.0,
+        256, 1024, 1.0, 1.0, 256, 1024, 6, -1, (3, 6, 3), 4.0, freeze_at=0, freeze_stem_only=True,
     ),
     "x": DFineSize(
         "x", "B5", (1, 2, 3), False, True, (512, 1024, 2048), (8, 16, 32),
-        384, 2048, 1.0, 1.0, 256, 1024, 6, -1, (3, 6, 3), 8.0,
+        384, 2048, 1.0, 1.0, 256, 1024, 6, -1, (3, 6, 3), 8.0, freeze_at=0, freeze_stem_only=True,
     ),
 }
 
@@ -90,24 +98,32 @@ class DFINE(nn.Module):
     def num_classes(self) -> int:
         return self.decoder.num_classes
 
-    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Detect.
+    def forward(
+        self,
+        images: torch.Tensor,
+        targets: Sequence[dict[str, torch.Tensor]] | None = None,
+        denoising: DenoisingGroup | None = None,
+    ) -> dict[str, Any]:
+        """Detect (eval mode) or produce the training outputs (train mode).
 
         Args:
             images: float32 ``(B, 3, H, W)``, RGB in [0, 1]; H, W multiples of 32.
+            targets: train mode only: per image ``labels`` int64 ``(n,)`` and ``boxes``
+                float32 ``(n, 4)`` normalised cx, cy, w, h, from which the denoising group is
+                built (None: no denoising).
+            denoising: train mode only: a ready denoising group, used instead of ``targets``.
 
         Returns:
-            ``pred_logits`` float32 ``(B, Q, num_classes)`` raw logits and ``pred_boxes``
-            float32 ``(B, Q, 4)`` normalized cx, cy, w, h.
+            Eval mode: ``pred_logits`` float32 ``(B, Q, num_classes)`` raw logits and
+            ``pred_boxes`` float32 ``(B, Q, 4)`` normalized cx, cy, w, h. Train mode: the
+            official outputs dict (``DFineDecoder.forward_train``).
         """
-        if self.training:
-            # TRAINING HOOK: needs denoising groups from targets, all layers' outputs and
-            # the D-FINE criterion; not part of this package yet.
-            raise NotImplementedError("D-FINE training is not implemented; call model.eval() first")
         h, w = images.shape[-2:]
         if not torch.jit.is_tracing() and (h % INPUT_MULTIPLE or w % INPUT_MULTIPLE):
             raise ValueError(f"input height and width must be multiples of {INPUT_MULTIPLE}, got {h}x{w}")
-        return self.decoder(self.encoder(self.backbone(images)))
+        if targets is not None and len(targets) != images.shape[0]:
+            raise ValueError(f"got {len(targets)} targets for a batch of {images.shape[0]} images; pass one dict per image")
+        return self.decoder(self.encoder(self.backbone(images)), targets, denoising)
 
     def deploy(self) -> DFINE:
         """Switch to eval mode and drop the decoder layers after ``eval_idx``, as the
@@ -118,23 +134,39 @@ class DFINE(nn.Module):
         return self
 
 
-def build_model(size: str, num_classes: int = 80) -> DFINE:
+def build_model(size: str, num_classes: int = 80, num_denoising: int = 100) -> DFINE:
     """The D-FINE network of an official size, randomly initialised.
+
+    The backbone is frozen as the official training config of the size says (L and X: the
+    stem's parameters have ``requires_grad=False`` and every backbone norm is a
+    ``FrozenBatchNorm2d``; N, S and M: nothing frozen).
 
     Args:
         size: "n", "s", "m", "l" or "x" (case-insensitive).
         num_classes: classes of the heads (80 for COCO, 365 for Objects365).
+        num_denoising: contrastive denoising queries requested per image in training (the
+            official 100); 0 turns denoising off. The denoising embedding exists either way,
+            so checkpoints load strictly.
 
     Raises:
-        ValueError: unknown size or a non-positive class count.
+        ValueError: unknown size, a non-positive class count or a negative num_denoising.
     """
     key = size.lower() if isinstance(size, str) else size
     if key not in SIZES:
         raise ValueError(f"unknown D-FINE size {size!r}; valid sizes: {', '.join(SIZES)}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    if num_denoising < 0:
+        raise ValueError(f"num_denoising must be 0 (off) or positive, got {num_denoising}")
     cfg = SIZES[key]
-    backbone = HGNetv2(cfg.backbone, cfg.return_idx, use_lab=cfg.use_lab, freeze_norm=cfg.freeze_norm)
+    backbone = HGNetv2(
+        cfg.backbone,
+        cfg.return_idx,
+        use_lab=cfg.use_lab,
+        freeze_norm=cfg.freeze_norm,
+        freeze_at=cfg.freeze_at,
+        freeze_stem_only=cfg.freeze_stem_only,
+    )
     encoder = HybridEncoder(
         in_channels=cfg.backbone_channels,
         feat_strides=cfg.feat_strides,
@@ -159,5 +191,6 @@ def build_model(size: str, num_classes: int = 80) -> DFINE:
         eval_idx=cfg.eval_idx,
         reg_max=32,
         reg_scale=cfg.reg_scale,
+        num_denoising=num_denoising,
     )
     return DFINE(backbone, encoder, decoder, size=key)
