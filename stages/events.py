@@ -1,22 +1,24 @@
 """The event messages finestream publishes: one schema, versioned, JSON on the wire.
 
 Every event is a flat JSON object with an envelope (``v``, ``type``, ``stream``,
-``time_unix_s``) and the fields of its type. Five types (``EventType``):
+``time_unix_s``) and the fields of its type (``EventType``):
 
-- ``frame``: one per processed frame, with its detections (and track ids once tracked).
-- ``track_started`` / ``track_ended``: raised by the tracker in ``FramePacket.events``.
-- ``source_lost`` / ``source_restored``: raised by a live source when its stream drops and
-  when frames flow again.
+- ``frame``: one per processed frame, with its detections (made by each sink from the packet).
+- ``track_started`` / ``track_ended``: raised by the tracker.
+- ``source_lost`` / ``source_restored``: raised by a live source.
+- ``line_crossed``, ``zone_entered``, ``zone_exited``, ``zone_loitering``,
+  ``analytics_summary``: raised by the camera analytics (``stages.analytics``).
 
-docs/events.md is the reference for consumers: every field, its unit and when it is ``null``.
+Every event but ``frame`` travels on the pipeline's event channel (``pipeline.runner``), built
+complete where it happens with the constructors below; JSON Lines and ZeroMQ write the very same
+objects. Each ``TypedDict`` field is ``Annotated[type, "meaning"]``: ``stages.events_schema``
+turns them into the JSON Schema and the tables of docs/events.md, and a test keeps both in step.
+
 Compatibility rule: fields may be added without changing ``EVENT_SCHEMA_VERSION``; consumers
 ignore fields they do not know. Renaming or removing a field, or changing its meaning or unit,
-raises the version.
+raises the version (``SCHEMA_CHANGES`` says what changed in each).
 
-The constructors below build each event as its ``TypedDict`` (so a type checker checks the keys)
-and return it as the plain, JSON-able ``dict`` that ``FramePacket.events`` holds;
-``encode_event`` / ``decode_event`` are the wire format.
-Pure functions, no threads, no state.
+``encode_event`` / ``decode_event`` are the wire format. Pure functions, no threads, no state.
 """
 
 from __future__ import annotations
@@ -25,36 +27,64 @@ import enum
 import json
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any, Final, TypedDict
+from typing import Annotated, Any, Final, Literal, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 
-from stages.frame import FramePacket
+from stages.frame import Detections, FramePacket
 
 __all__ = [
     "EVENT_SCHEMA_VERSION",
+    "EVENT_TYPES",
+    "SCHEMA_CHANGES",
+    "AnalyticsSummaryEvent",
     "DetectionRecord",
     "EventError",
     "EventType",
     "FrameEvent",
+    "LineCrossedEvent",
+    "LineTotals",
     "SourceLostEvent",
     "SourceRestoredEvent",
     "TrackEndedEvent",
     "TrackStartedEvent",
+    "ZoneEnteredEvent",
+    "ZoneExitedEvent",
+    "ZoneLoiteringEvent",
+    "ZoneTotals",
+    "analytics_summary_event",
     "decode_event",
+    "detection_records",
     "encode_event",
     "frame_event",
     "label_for",
+    "line_crossed_event",
     "redact_url",
     "source_lost_event",
     "source_restored_event",
     "track_ended_event",
     "track_started_event",
+    "zone_entered_event",
+    "zone_exited_event",
+    "zone_loitering_event",
 ]
 
 #: The ``v`` field of every message. Raised only for incompatible changes (see module docstring).
-EVENT_SCHEMA_VERSION: Final = 1
+EVENT_SCHEMA_VERSION: Final = 2
+
+#: What each version changed, newest first (docs/events.md shows it).
+SCHEMA_CHANGES: Final[tuple[tuple[int, str], ...]] = (
+    (2, "One schema for every sink: JSON Lines now holds the same messages as ZeroMQ, one per "
+        "line (it had its own per-frame object with `box`, `pts`, `track_id: -1` and tracker "
+        "events `{\"event\", \"track_id\", \"class_id\"}`). `track_ended` gains `reason`, "
+        "`last_seen_pts_s` and `box_xyxy`, and is also sent for tracks still alive when the "
+        "stream ends (`reason: stream_ended`). New types: `line_crossed`, `zone_entered`, "
+        "`zone_exited`, `zone_loitering`, `analytics_summary`. Labels of unnamed classes are "
+        "`class_<id>` everywhere."),
+    (1, "First version: `frame`, `track_started`, `track_ended`, `source_lost`, "
+        "`source_restored` over ZeroMQ."),
+)
 
 # Boxes to 1/100 px and scores to 1e-4 are far below what a detector resolves, and they keep a
 # frame message with 50 objects under 4 kB.
@@ -71,85 +101,305 @@ class EventType(str, enum.Enum):
     TRACK_ENDED = "track_ended"
     SOURCE_LOST = "source_lost"
     SOURCE_RESTORED = "source_restored"
+    LINE_CROSSED = "line_crossed"
+    ZONE_ENTERED = "zone_entered"
+    ZONE_EXITED = "zone_exited"
+    ZONE_LOITERING = "zone_loitering"
+    ANALYTICS_SUMMARY = "analytics_summary"
 
 
 class EventError(ValueError):
     """A message is not a valid finestream event (bad JSON, missing envelope, other version)."""
 
 
-class DetectionRecord(TypedDict):
-    """One object in a ``frame`` event."""
+# Shared field annotations: the same words for the same field in every type.
+_V = Annotated[int, "schema version (`EVENT_SCHEMA_VERSION`)"]
+_STREAM = Annotated[str, "the source's stream id (also the ZeroMQ topic)"]
+_TIME = Annotated[float, "publisher's wall clock when the message was made, seconds since 1970 UTC"]
+_FRAME = Annotated[int, "0-based frame number in the stream where it happened"]
+_PTS = Annotated[float, "that frame's presentation time, seconds from the stream's start"]
+_BOX = Annotated[
+    list[float],
+    "`[x1, y1, x2, y2]` in pixels of the displayed frame",
+    {"minItems": 4, "maxItems": 4},
+]
+_POINT = Annotated[list[float], "`[x, y]` in pixels", {"minItems": 2, "maxItems": 2}]
+_TRACK = Annotated[int, "the tracker's id, unique within the stream for the run"]
+_CLASS = Annotated[int, "0-based class index of the model"]
+_LABEL = Annotated[str, "the class name (`class_<id>` when the model gives none)"]
+_URL = Annotated[str, "the source URL with any password replaced by `***`"]
+_LINE = Annotated[str, "the line's `name` from the config"]
+_ZONE = Annotated[str, "the zone's `name` from the config"]
 
-    box_xyxy: list[float]  # [x1, y1, x2, y2], source-frame pixels
-    score: float  # [0, 1]
-    class_id: int  # 0-based
-    label: str  # the class name
-    track_id: int | None  # None (JSON null) until the tracker gave it an id
+
+class DetectionRecord(TypedDict):
+    """One object in a ``frame`` event (not a message by itself)."""
+
+    box_xyxy: _BOX
+    score: Annotated[float, "confidence in [0, 1], 4 decimals"]
+    class_id: _CLASS
+    label: _LABEL
+    track_id: Annotated[
+        int | None,
+        "the tracker's id; `null` when not tracked (no tracker, or not yet confirmed)",
+    ]
 
 
 class FrameEvent(TypedDict):
-    v: int
-    type: str
-    stream: str
-    time_unix_s: float  # wall clock when the message was made
-    frame: int  # FramePacket.index
-    pts_s: float  # FramePacket.pts_s
-    width: int  # frame size the boxes refer to
-    height: int
-    latency_s: float  # decode to this message (time.monotonic() - FramePacket.arrival_s)
-    detections: list[DetectionRecord]
+    """One per processed frame (ZeroMQ: unless the sink has `send_frames: false`)."""
+
+    v: _V
+    type: Literal["frame"]
+    stream: _STREAM
+    time_unix_s: _TIME
+    frame: Annotated[int, "0-based frame number in the stream, counting dropped frames too"]
+    pts_s: Annotated[
+        float,
+        "presentation time, seconds from the stream's start; strictly increasing, also across reconnects",
+    ]
+    width: Annotated[int, "frame width in pixels (the boxes refer to it)"]
+    height: Annotated[int, "frame height in pixels"]
+    latency_s: Annotated[float, "seconds from the frame's decoding to this message"]
+    detections: Annotated[list[DetectionRecord], "the objects found, `[]` when none"]
 
 
 class TrackStartedEvent(TypedDict):
-    v: int
-    type: str
-    stream: str
-    time_unix_s: float
-    frame: int  # the frame where the track was confirmed
-    pts_s: float
-    track_id: int
-    class_id: int
-    label: str
-    box_xyxy: list[float]  # its box in that frame
+    """A tracker confirmed a new object, on the frame where it was confirmed."""
+
+    v: _V
+    type: Literal["track_started"]
+    stream: _STREAM
+    time_unix_s: _TIME
+    frame: _FRAME
+    pts_s: _PTS
+    track_id: _TRACK
+    class_id: _CLASS
+    label: _LABEL
+    box_xyxy: Annotated[
+        list[float],
+        "its box in that frame, `[x1, y1, x2, y2]` pixels",
+        {"minItems": 4, "maxItems": 4},
+    ]
 
 
 class TrackEndedEvent(TypedDict):
-    v: int
-    type: str
-    stream: str
-    time_unix_s: float
-    frame: int  # the frame where the tracker dropped the track
-    pts_s: float
-    track_id: int
-    class_id: int
-    label: str
-    last_seen_frame: int  # the last frame where it was matched to a detection
+    """The tracker gave up on an object (unmatched for its allowed number of frames), or the
+    stream ended while it was still tracked."""
+
+    v: _V
+    type: Literal["track_ended"]
+    stream: _STREAM
+    time_unix_s: _TIME
+    frame: Annotated[
+        int,
+        "the frame where the tracker dropped it (the stream's last frame for `stream_ended`)",
+    ]
+    pts_s: _PTS
+    track_id: _TRACK
+    class_id: _CLASS
+    label: _LABEL
+    reason: Annotated[
+        Literal["lost",
+        "stream_ended"], "`lost`: not matched for too long; `stream_ended`: still tracked at the end",
+    ]
+    last_seen_frame: Annotated[int, "the last frame where it was matched to a detection"]
+    last_seen_pts_s: Annotated[float, "that frame's presentation time"]
+    box_xyxy: Annotated[
+        list[float],
+        "its box in the last frame where it was seen",
+        {"minItems": 4, "maxItems": 4},
+    ]
 
 
 class SourceLostEvent(TypedDict):
-    v: int
-    type: str
-    stream: str
-    time_unix_s: float
-    outage: int  # 1 for the stream's first outage, 2 for the next...
-    frame: int | None  # index of the last frame before the loss; None if none came yet
-    reason: str  # one line: "stream ended (connection closed)", "read timeout", ...
-    url: str  # the source URL, password removed
+    """A live source stopped delivering (connection closed, stall timeout, read error, first
+    connection refused). Sent at once, exactly one per outage; the source then reconnects."""
+
+    v: _V
+    type: Literal["source_lost"]
+    stream: _STREAM
+    time_unix_s: _TIME
+    outage: Annotated[int, "1 for the stream's first outage, then 2, 3..."]
+    frame: Annotated[
+        int | None,
+        "the last frame delivered before the loss; `null` if none ever came",
+    ]
+    reason: Annotated[str, "one line, e.g. `stream ended (connection closed)`"]
+    url: _URL
 
 
 class SourceRestoredEvent(TypedDict):
-    v: int
-    type: str
-    stream: str
-    time_unix_s: float
-    outage: int  # the outage this ends (same number as its source_lost)
-    frame: int  # index of the first frame after the outage
-    pts_s: float
-    down_s: float  # seconds from the loss to this frame
-    attempts: int  # connection attempts it took
-    width: int  # frame size after the outage (may differ from before)
-    height: int
-    url: str
+    """Frames flow again after an outage; sent when the first frame after it is decoded."""
+
+    v: _V
+    type: Literal["source_restored"]
+    stream: _STREAM
+    time_unix_s: _TIME
+    outage: Annotated[int, "the outage this ends (the number in its `source_lost`)"]
+    frame: Annotated[int, "the first frame after the outage"]
+    pts_s: Annotated[float, "its presentation time; the outage shows as a gap in `pts_s`"]
+    down_s: Annotated[float, "seconds from the loss to this frame"]
+    attempts: Annotated[int, "connection attempts it took"]
+    width: Annotated[int, "frame width now (may differ from before the outage)"]
+    height: Annotated[int, "frame height now"]
+    url: _URL
+
+
+class LineCrossedEvent(TypedDict):
+    """A confirmed track's anchor point crossed a counting line: the segment it travelled
+    between two consecutive observations intersects the line."""
+
+    v: _V
+    type: Literal["line_crossed"]
+    stream: _STREAM
+    time_unix_s: _TIME
+    frame: _FRAME
+    pts_s: _PTS
+    line: _LINE
+    direction: Annotated[
+        Literal["in",
+        "out"], "`in`: from the left of A→B (as seen on the picture) to its right; `out`: the other way",
+    ]
+    track_id: _TRACK
+    class_id: _CLASS
+    label: _LABEL
+    point_xy: Annotated[
+        list[float],
+        "where the anchor's path met the line, `[x, y]` pixels",
+        {"minItems": 2, "maxItems": 2},
+    ]
+    speed_kmh: Annotated[
+        float | None,
+        "the track's ground speed, smoothed; `null` unless `speed` is configured (or not yet known)",
+    ]
+    count_in: Annotated[int, "the line's `in` total, all classes, this crossing included"]
+    count_out: Annotated[int, "the line's `out` total, all classes, this crossing included"]
+
+
+class ZoneEnteredEvent(TypedDict):
+    """A confirmed track's anchor point came inside a zone's polygon."""
+
+    v: _V
+    type: Literal["zone_entered"]
+    stream: _STREAM
+    time_unix_s: _TIME
+    frame: _FRAME
+    pts_s: _PTS
+    zone: _ZONE
+    track_id: _TRACK
+    class_id: _CLASS
+    label: _LABEL
+    occupancy: Annotated[int, "tracks in the zone now, all classes, this one included"]
+
+
+class ZoneExitedEvent(TypedDict):
+    """A track left a zone: its anchor went outside, or the tracker dropped it while inside."""
+
+    v: _V
+    type: Literal["zone_exited"]
+    stream: _STREAM
+    time_unix_s: _TIME
+    frame: Annotated[int, "the frame where it left (or where the tracker dropped it)"]
+    pts_s: _PTS
+    zone: _ZONE
+    track_id: _TRACK
+    class_id: _CLASS
+    label: _LABEL
+    reason: Annotated[
+        Literal["left",
+        "track_ended"], "`left`: seen outside; `track_ended`: the tracker dropped it inside",
+    ]
+    dwell_s: Annotated[float, "stream time (pts) from its first to its last observation inside"]
+    occupancy: Annotated[int, "tracks in the zone now, all classes"]
+
+
+class ZoneLoiteringEvent(TypedDict):
+    """A track has been inside a zone for longer than the zone's `loiter_s` (once per visit)."""
+
+    v: _V
+    type: Literal["zone_loitering"]
+    stream: _STREAM
+    time_unix_s: _TIME
+    frame: _FRAME
+    pts_s: _PTS
+    zone: _ZONE
+    track_id: _TRACK
+    class_id: _CLASS
+    label: _LABEL
+    dwell_s: Annotated[float, "stream time (pts) it has been inside so far"]
+    threshold_s: Annotated[float, "the zone's `loiter_s`"]
+
+
+class LineClassCount(TypedDict):
+    """Per-class totals of a line."""
+
+    class_id: _CLASS
+    label: _LABEL
+    count_in: Annotated[int, "`in` crossings of this class"]
+    count_out: Annotated[int, "`out` crossings of this class"]
+
+
+class LineTotals(TypedDict):
+    """Totals of one line in an `analytics_summary`."""
+
+    line: _LINE
+    count_in: Annotated[int, "`in` crossings, all classes"]
+    count_out: Annotated[int, "`out` crossings, all classes"]
+    by_class: Annotated[list[LineClassCount], "one entry per class that crossed, by `class_id`"]
+
+
+class ZoneClassCount(TypedDict):
+    """Per-class totals of a zone."""
+
+    class_id: _CLASS
+    label: _LABEL
+    entered: Annotated[int, "entries of this class"]
+    occupancy: Annotated[int, "tracks of this class inside now"]
+
+
+class ZoneTotals(TypedDict):
+    """Totals of one zone in an `analytics_summary`."""
+
+    zone: _ZONE
+    entered: Annotated[int, "entries, all classes"]
+    exited: Annotated[int, "exits, all classes (`left` and `track_ended`)"]
+    loitering: Annotated[int, "`zone_loitering` events"]
+    occupancy: Annotated[int, "tracks inside now, all classes"]
+    max_dwell_s: Annotated[
+        float,
+        "the longest dwell of a finished visit, seconds of stream time (0 if none)",
+    ]
+    by_class: Annotated[list[ZoneClassCount], "one entry per class that entered, by `class_id`"]
+
+
+class AnalyticsSummaryEvent(TypedDict):
+    """Totals of a stream's lines and zones: every `summary_every_s` of stream time, and once
+    at the end of the stream (`final: true`)."""
+
+    v: _V
+    type: Literal["analytics_summary"]
+    stream: _STREAM
+    time_unix_s: _TIME
+    frame: Annotated[int, "the last frame counted"]
+    pts_s: _PTS
+    final: Annotated[bool, "`true` for the summary at the end of the stream"]
+    lines: Annotated[list[LineTotals], "one entry per configured line, in config order"]
+    zones: Annotated[list[ZoneTotals], "one entry per configured zone, in config order"]
+
+
+#: Each message type and the ``TypedDict`` that defines it, in the order docs/events.md lists them.
+EVENT_TYPES: Final[dict[EventType, type]] = {
+    EventType.FRAME: FrameEvent,
+    EventType.TRACK_STARTED: TrackStartedEvent,
+    EventType.TRACK_ENDED: TrackEndedEvent,
+    EventType.SOURCE_LOST: SourceLostEvent,
+    EventType.SOURCE_RESTORED: SourceRestoredEvent,
+    EventType.LINE_CROSSED: LineCrossedEvent,
+    EventType.ZONE_ENTERED: ZoneEnteredEvent,
+    EventType.ZONE_EXITED: ZoneExitedEvent,
+    EventType.ZONE_LOITERING: ZoneLoiteringEvent,
+    EventType.ANALYTICS_SUMMARY: AnalyticsSummaryEvent,
+}
 
 
 def label_for(class_id: int, class_names: Sequence[str]) -> str:
@@ -188,6 +438,46 @@ def _box(box_xyxy: Sequence[float]) -> list[float]:
     return [round(float(v), _BOX_DECIMALS) for v in box_xyxy]
 
 
+def _point(point_xy: Sequence[float]) -> list[float]:
+    return [round(float(v), _BOX_DECIMALS) for v in point_xy]
+
+
+def _time(value_s: float) -> float:
+    return round(float(value_s), _TIME_DECIMALS)
+
+
+def detection_records(
+    detections: Detections | None, class_names: Sequence[str]
+) -> list[DetectionRecord]:
+    """The ``detections`` of a ``frame`` event: the one serialisation of ``Detections``.
+
+    ``detections``: boxes float ``(n, 4)`` xyxy pixels, scores ``(n,)``, class and track ids
+    ``(n,)`` int (track id -1: untracked, written ``null``). Rows with a non-finite box or score
+    (a broken model output) are left out: JSON has no NaN, and such a box locates nothing.
+    """
+    if detections is None or len(detections) == 0:
+        return []
+    boxes_xyxy = detections.boxes_xyxy.astype(np.float64)
+    scores = detections.scores.astype(np.float64)
+    finite = np.isfinite(boxes_xyxy).all(axis=1) & np.isfinite(scores)
+    rows = np.flatnonzero(finite)
+    # Round and convert whole arrays at once: per-value Python calls cost 4x more.
+    boxes = np.round(boxes_xyxy[rows], _BOX_DECIMALS).tolist()
+    rounded = np.round(scores[rows], _SCORE_DECIMALS).tolist()
+    class_ids = detections.class_ids[rows].tolist()
+    track_ids = detections.track_ids[rows].tolist()
+    return [
+        DetectionRecord(
+            box_xyxy=box,
+            score=score,
+            class_id=class_id,
+            label=label_for(class_id, class_names),
+            track_id=None if track_id < 0 else track_id,
+        )
+        for box, score, class_id, track_id in zip(boxes, rounded, class_ids, track_ids)
+    ]
+
+
 def frame_event(
     packet: FramePacket, class_names: Sequence[str], *, now_monotonic_s: float | None = None
 ) -> dict[str, Any]:
@@ -196,38 +486,17 @@ def frame_event(
     ``latency_s`` is measured from ``packet.arrival_s`` to ``now_monotonic_s`` (default: now).
     """
     now = time.monotonic() if now_monotonic_s is None else now_monotonic_s
-    records: list[DetectionRecord] = []
-    det = packet.detections
-    if det is not None and len(det) > 0:
-        # Round and convert whole arrays at once: per-value Python calls cost 4x more.
-        boxes = np.round(det.boxes_xyxy.astype(np.float64), _BOX_DECIMALS).tolist()
-        scores = np.round(det.scores.astype(np.float64), _SCORE_DECIMALS).tolist()
-        class_ids = det.class_ids.tolist()
-        track_ids = det.track_ids.tolist()
-        labels = [label_for(c, class_names) for c in class_ids]
-        records = [
-            DetectionRecord(
-                box_xyxy=box,
-                score=score,
-                class_id=class_id,
-                label=label,
-                track_id=None if track_id < 0 else track_id,
-            )
-            for box, score, class_id, label, track_id in zip(
-                boxes, scores, class_ids, labels, track_ids
-            )
-        ]
     event = FrameEvent(
         v=EVENT_SCHEMA_VERSION,
-        type=EventType.FRAME.value,
+        type="frame",
         stream=packet.stream_id,
         time_unix_s=_now(),
         frame=packet.index,
-        pts_s=round(packet.pts_s, _TIME_DECIMALS),
+        pts_s=_time(packet.pts_s),
         width=packet.width,
         height=packet.height,
-        latency_s=round(max(0.0, now - packet.arrival_s), _TIME_DECIMALS),
-        detections=records,
+        latency_s=_time(max(0.0, now - packet.arrival_s)),
+        detections=detection_records(packet.detections, class_names),
     )
     return _plain(event)
 
@@ -240,16 +509,16 @@ def track_started_event(
     track_id: int,
     class_id: int,
     box_xyxy: Sequence[float],
-    class_names: Sequence[str] = (),
+    class_names: Sequence[str],
 ) -> dict[str, Any]:
-    """A ``track_started`` event (for the tracker: put it in ``FramePacket.events``)."""
+    """A ``track_started`` event."""
     event = TrackStartedEvent(
         v=EVENT_SCHEMA_VERSION,
-        type=EventType.TRACK_STARTED.value,
+        type="track_started",
         stream=stream,
         time_unix_s=_now(),
         frame=frame,
-        pts_s=round(pts_s, _TIME_DECIMALS),
+        pts_s=_time(pts_s),
         track_id=track_id,
         class_id=class_id,
         label=label_for(class_id, class_names),
@@ -265,21 +534,177 @@ def track_ended_event(
     pts_s: float,
     track_id: int,
     class_id: int,
+    reason: Literal["lost", "stream_ended"],
     last_seen_frame: int,
-    class_names: Sequence[str] = (),
+    last_seen_pts_s: float,
+    box_xyxy: Sequence[float],
+    class_names: Sequence[str],
 ) -> dict[str, Any]:
-    """A ``track_ended`` event (for the tracker: put it in ``FramePacket.events``)."""
+    """A ``track_ended`` event."""
     event = TrackEndedEvent(
         v=EVENT_SCHEMA_VERSION,
-        type=EventType.TRACK_ENDED.value,
+        type="track_ended",
         stream=stream,
         time_unix_s=_now(),
         frame=frame,
-        pts_s=round(pts_s, _TIME_DECIMALS),
+        pts_s=_time(pts_s),
         track_id=track_id,
         class_id=class_id,
         label=label_for(class_id, class_names),
+        reason=reason,
         last_seen_frame=last_seen_frame,
+        last_seen_pts_s=_time(last_seen_pts_s),
+        box_xyxy=_box(box_xyxy),
+    )
+    return _plain(event)
+
+
+def line_crossed_event(
+    *,
+    stream: str,
+    frame: int,
+    pts_s: float,
+    line: str,
+    direction: Literal["in", "out"],
+    track_id: int,
+    class_id: int,
+    point_xy: Sequence[float],
+    speed_kmh: float | None,
+    count_in: int,
+    count_out: int,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    """A ``line_crossed`` event."""
+    event = LineCrossedEvent(
+        v=EVENT_SCHEMA_VERSION,
+        type="line_crossed",
+        stream=stream,
+        time_unix_s=_now(),
+        frame=frame,
+        pts_s=_time(pts_s),
+        line=line,
+        direction=direction,
+        track_id=track_id,
+        class_id=class_id,
+        label=label_for(class_id, class_names),
+        point_xy=_point(point_xy),
+        speed_kmh=None if speed_kmh is None else round(float(speed_kmh), 2),
+        count_in=count_in,
+        count_out=count_out,
+    )
+    return _plain(event)
+
+
+def zone_entered_event(
+    *,
+    stream: str,
+    frame: int,
+    pts_s: float,
+    zone: str,
+    track_id: int,
+    class_id: int,
+    occupancy: int,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    """A ``zone_entered`` event."""
+    event = ZoneEnteredEvent(
+        v=EVENT_SCHEMA_VERSION,
+        type="zone_entered",
+        stream=stream,
+        time_unix_s=_now(),
+        frame=frame,
+        pts_s=_time(pts_s),
+        zone=zone,
+        track_id=track_id,
+        class_id=class_id,
+        label=label_for(class_id, class_names),
+        occupancy=occupancy,
+    )
+    return _plain(event)
+
+
+def zone_exited_event(
+    *,
+    stream: str,
+    frame: int,
+    pts_s: float,
+    zone: str,
+    track_id: int,
+    class_id: int,
+    reason: Literal["left", "track_ended"],
+    dwell_s: float,
+    occupancy: int,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    """A ``zone_exited`` event."""
+    event = ZoneExitedEvent(
+        v=EVENT_SCHEMA_VERSION,
+        type="zone_exited",
+        stream=stream,
+        time_unix_s=_now(),
+        frame=frame,
+        pts_s=_time(pts_s),
+        zone=zone,
+        track_id=track_id,
+        class_id=class_id,
+        label=label_for(class_id, class_names),
+        reason=reason,
+        dwell_s=_time(dwell_s),
+        occupancy=occupancy,
+    )
+    return _plain(event)
+
+
+def zone_loitering_event(
+    *,
+    stream: str,
+    frame: int,
+    pts_s: float,
+    zone: str,
+    track_id: int,
+    class_id: int,
+    dwell_s: float,
+    threshold_s: float,
+    class_names: Sequence[str],
+) -> dict[str, Any]:
+    """A ``zone_loitering`` event."""
+    event = ZoneLoiteringEvent(
+        v=EVENT_SCHEMA_VERSION,
+        type="zone_loitering",
+        stream=stream,
+        time_unix_s=_now(),
+        frame=frame,
+        pts_s=_time(pts_s),
+        zone=zone,
+        track_id=track_id,
+        class_id=class_id,
+        label=label_for(class_id, class_names),
+        dwell_s=_time(dwell_s),
+        threshold_s=float(threshold_s),
+    )
+    return _plain(event)
+
+
+def analytics_summary_event(
+    *,
+    stream: str,
+    frame: int,
+    pts_s: float,
+    final: bool,
+    lines: Sequence[LineTotals],
+    zones: Sequence[ZoneTotals],
+) -> dict[str, Any]:
+    """An ``analytics_summary`` event (totals built by ``stages.analytics``)."""
+    event = AnalyticsSummaryEvent(
+        v=EVENT_SCHEMA_VERSION,
+        type="analytics_summary",
+        stream=stream,
+        time_unix_s=_now(),
+        frame=frame,
+        pts_s=_time(pts_s),
+        final=final,
+        lines=list(lines),
+        zones=list(zones),
     )
     return _plain(event)
 
@@ -290,7 +715,7 @@ def source_lost_event(
     """A ``source_lost`` event; ``url`` is redacted here."""
     event = SourceLostEvent(
         v=EVENT_SCHEMA_VERSION,
-        type=EventType.SOURCE_LOST.value,
+        type="source_lost",
         stream=stream,
         time_unix_s=_now(),
         outage=outage,
@@ -316,12 +741,12 @@ def source_restored_event(
     """A ``source_restored`` event; ``url`` is redacted here."""
     event = SourceRestoredEvent(
         v=EVENT_SCHEMA_VERSION,
-        type=EventType.SOURCE_RESTORED.value,
+        type="source_restored",
         stream=stream,
         time_unix_s=_now(),
         outage=outage,
         frame=frame,
-        pts_s=round(pts_s, _TIME_DECIMALS),
+        pts_s=_time(pts_s),
         down_s=round(down_s, 3),
         attempts=attempts,
         width=width,

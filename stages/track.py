@@ -4,16 +4,20 @@ Input: ``FramePacket`` with ``detections`` (boxes in source pixels) or ``None`` 
 this frame: the trackers still advance).
 Output: the same packet with ``detections`` replaced by a copy whose ``track_ids`` hold the
 norfair track id (1, 2, … per stream) of each row, or -1 where the row has no confirmed track
-yet; ``events`` gets ``{"event": "track_started" | "track_ended", "track_id", "class_id"}``.
+yet. Events: complete ``track_started`` / ``track_ended`` messages (``stages.events``) handed to
+``publish`` (the pipeline's event channel), not put on the packet.
 
 One norfair tracker per ``stream_id``, made on the stream's first packet. Frames dropped
 upstream (gaps in ``packet.index``) are passed to norfair as ``period`` so a track's hit counter
 is credited for the frames it could not see.
 
 Events: ``track_started`` on the frame a track is confirmed (after ``initialization_delay``
-hits); ``track_ended`` on the frame norfair drops it (unmatched for about ``hit_counter_max``
-frames). Tracks still alive when the stream ends get no ``track_ended``: ``flush()`` has no
-frame to carry it.
+hits), with its box; ``track_ended`` (``reason: lost``) on the frame norfair drops it (unmatched
+for about ``hit_counter_max`` frames), with the frame, time and box where it was last seen.
+Tracks still alive when the input ends get ``track_ended`` (``reason: stream_ended``) from
+``flush()``, dated at their stream's last frame, so every started track ends once. An event is
+published before the packet it happened on is handed on, so stages downstream that subscribe to
+the channel (the analytics) know of it before that packet reaches them.
 
 Thread: runs in the tracker stage's thread; the per-stream state is touched by nothing else.
 
@@ -23,26 +27,19 @@ the old one sees no change.
 
 from __future__ import annotations
 
-import enum
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import norfair
 import numpy as np
 
 from pipeline.stage import StageBase
+from stages.events import track_ended_event, track_started_event
 from stages.frame import Detections, FramePacket
 
 logger = logging.getLogger(__name__)
-
-
-class TrackEvent(str, enum.Enum):
-    """The ``"event"`` value of the dicts the tracker adds to ``packet.events``."""
-
-    STARTED = "track_started"
-    ENDED = "track_ended"
 
 
 @dataclass(frozen=True)
@@ -110,19 +107,47 @@ def iou_distance(detection: norfair.Detection, tracked_object: norfair.tracker.T
 
 
 @dataclass
+class _Seen:
+    """A confirmed track's class and its last observation."""
+
+    class_id: int
+    frame: int
+    pts_s: float
+    box_xyxy: list[float]
+
+
+@dataclass
 class _StreamState:
     tracker: norfair.Tracker
     last_index: int | None = None
-    # track id -> class id, for every confirmed track norfair still holds.
-    live: dict[int, int] = field(default_factory=dict)
+    last_pts_s: float = 0.0
+    # track id -> what we know of it, for every confirmed track norfair still holds.
+    live: dict[int, _Seen] = field(default_factory=dict)
+
+
+def _discard(event: dict[str, Any]) -> None:
+    pass
 
 
 class Tracker(StageBase[FramePacket]):
-    """Processor[FramePacket, FramePacket]: fills ``detections.track_ids`` and track events."""
+    """Processor[FramePacket, FramePacket]: fills ``detections.track_ids``; publishes track events.
 
-    def __init__(self, config: TrackConfig) -> None:
+    Args:
+        config: see ``TrackConfig``.
+        class_names: index = class id, for the events' ``label``.
+        publish: where events go (``EventChannel.publish``); default: nowhere.
+    """
+
+    def __init__(
+        self,
+        config: TrackConfig,
+        class_names: Sequence[str] = (),
+        publish: Callable[[dict[str, Any]], None] | None = None,
+    ) -> None:
         self.config = config
         self.name = "track"
+        self.class_names = tuple(class_names)
+        self._publish = publish if publish is not None else _discard
         self._streams: dict[str, _StreamState] = {}
 
     def _new_tracker(self) -> norfair.Tracker:
@@ -166,11 +191,22 @@ class Tracker(StageBase[FramePacket]):
                 class_ids=dets.class_ids,
                 track_ids=track_ids,
             )
+            boxes = dets.boxes_xyxy.tolist()
             for row, track_id in enumerate(track_ids.tolist()):
-                if track_id >= 0 and track_id not in state.live:
+                if track_id < 0:
+                    continue
+                seen = state.live.get(track_id)
+                if seen is None:
                     class_id = int(dets.class_ids[row])
-                    state.live[track_id] = class_id
-                    item.events.append(_event(TrackEvent.STARTED, track_id, class_id))
+                    state.live[track_id] = _Seen(class_id, item.index, item.pts_s, boxes[row])
+                    self._publish(track_started_event(
+                        stream=item.stream_id, frame=item.index, pts_s=item.pts_s,
+                        track_id=track_id, class_id=class_id, box_xyxy=boxes[row],
+                        class_names=self.class_names,
+                    ))
+                else:
+                    seen.frame, seen.pts_s, seen.box_xyxy = item.index, item.pts_s, boxes[row]
+        state.last_pts_s = item.pts_s
 
         # Confirmed tracks norfair no longer holds have ended (unmatched too long).
         held = {
@@ -179,14 +215,30 @@ class Tracker(StageBase[FramePacket]):
             if obj.id is not None and obj.hit_counter_is_positive
         }
         for track_id in [t for t in state.live if t not in held]:
-            item.events.append(_event(TrackEvent.ENDED, track_id, state.live.pop(track_id)))
+            self._end(item.stream_id, state, track_id, "lost")
         return item
 
     def flush(self) -> Iterable[FramePacket]:
+        """No packet is held back; every track still alive ends here (``stream_ended``)."""
+        for stream_id, state in self._streams.items():
+            for track_id in list(state.live):
+                self._end(stream_id, state, track_id, "stream_ended")
         return ()
 
     def teardown(self) -> None:
         self._streams.clear()
+
+    def _end(
+        self, stream_id: str, state: _StreamState, track_id: int,
+        reason: Literal["lost", "stream_ended"],
+    ) -> None:
+        seen = state.live.pop(track_id)
+        self._publish(track_ended_event(
+            stream=stream_id, frame=state.last_index if state.last_index is not None else seen.frame,
+            pts_s=state.last_pts_s, track_id=track_id, class_id=seen.class_id, reason=reason,
+            last_seen_frame=seen.frame, last_seen_pts_s=seen.pts_s, box_xyxy=seen.box_xyxy,
+            class_names=self.class_names,
+        ))
 
 
 def _to_norfair(dets: Detections, class_aware: bool) -> list[norfair.Detection]:
@@ -204,6 +256,3 @@ def _to_norfair(dets: Detections, class_aware: bool) -> list[norfair.Detection]:
         for i in range(len(dets))
     ]
 
-
-def _event(kind: TrackEvent, track_id: int, class_id: int) -> dict[str, Any]:
-    return {"event": kind.value, "track_id": int(track_id), "class_id": int(class_id)}

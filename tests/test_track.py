@@ -9,6 +9,7 @@ from stages.frame import Detections, FramePacket
 from stages.track import TrackConfig, Tracker, iou_distance
 
 IMAGE = np.zeros((8, 8, 3), dtype=np.uint8)  # the tracker never looks at pixels
+CLASS_NAMES = ["person", "bicycle", "car"]
 
 
 def _packet(index: int, boxes: list[list[float]], classes: list[int], stream: str = "0") -> FramePacket:
@@ -26,11 +27,10 @@ def _box(cx: float, cy: float, w: float = 40, h: float = 60) -> list[float]:
 
 
 def _ids_by_object(tracker: Tracker, frames: list[list[tuple[str, list[float], int]]],
-                   rng: np.random.Generator | None = None) -> tuple[dict[str, list[int]], list[dict]]:
+                   rng: np.random.Generator | None = None) -> dict[str, list[int]]:
     """Run frames of (object name, box, class); rows are shuffled when rng is given.
-    Returns each object's track id per frame, and all events."""
+    Returns each object's track id per frame."""
     ids: dict[str, list[int]] = {}
-    events: list[dict] = []
     for index, objects in enumerate(frames):
         order = rng.permutation(len(objects)) if rng is not None else np.arange(len(objects))
         rows = [objects[i] for i in order]
@@ -38,18 +38,19 @@ def _ids_by_object(tracker: Tracker, frames: list[list[tuple[str, list[float], i
         assert out.detections is not None
         for (name, _, _), track_id in zip(rows, out.detections.track_ids.tolist()):
             ids.setdefault(name, []).append(track_id)
-        events.extend(out.events)
-    return ids, events
+        assert out.events == []  # events go to the channel, not on the packet
+    return ids
 
 
 def test_moving_boxes_keep_one_id_each() -> None:
     config = TrackConfig(initialization_delay=3)
-    tracker = Tracker(config)
+    events: list[dict] = []
+    tracker = Tracker(config, CLASS_NAMES, publish=events.append)
     frames = [
         [("a", _box(100 + 4 * t, 100), 2), ("b", _box(300, 100 + 3 * t), 2), ("c", _box(500 - 5 * t, 400), 0)]
         for t in range(30)
     ]
-    ids, events = _ids_by_object(tracker, frames, rng=np.random.default_rng(0))
+    ids = _ids_by_object(tracker, frames, rng=np.random.default_rng(0))
     confirmed = {}
     for name, seq in ids.items():
         # -1 while the track is being confirmed, then one id to the end.
@@ -59,21 +60,24 @@ def test_moving_boxes_keep_one_id_each() -> None:
         assert len(set(seq[first:])) == 1, f"{name} changed id: {seq}"
         confirmed[name] = seq[-1]
     assert sorted(confirmed.values()) == [1, 2, 3]
-    started = [e for e in events if e["event"] == "track_started"]
-    assert sorted((e["track_id"], e["class_id"]) for e in started) == sorted(
-        (confirmed[n], c) for n, c in (("a", 2), ("b", 2), ("c", 0))
+    started = [e for e in events if e["type"] == "track_started"]
+    assert sorted((e["track_id"], e["class_id"], e["label"]) for e in started) == sorted(
+        (confirmed[n], c, CLASS_NAMES[c]) for n, c in (("a", 2), ("b", 2), ("c", 0))
     )
-    assert not [e for e in events if e["event"] == "track_ended"]
+    for e in started:  # complete where it happens: the box of the frame it was confirmed on
+        assert e["frame"] <= config.initialization_delay + 1 and len(e["box_xyxy"]) == 4
+    assert not [e for e in events if e["type"] == "track_ended"]
+
 
 
 def test_crossing_objects_of_different_classes_keep_their_ids() -> None:
     # A car drives right and a person walks left along the same line: they overlap fully mid-way.
-    tracker = Tracker(TrackConfig(initialization_delay=2))
+    tracker = Tracker(TrackConfig(initialization_delay=2), publish=[].append)
     frames = [
         [("car", _box(100 + 10 * t, 200, 60, 60), 2), ("person", _box(400 - 10 * t, 200, 60, 60), 0)]
         for t in range(30)
     ]
-    ids, _ = _ids_by_object(tracker, frames)
+    ids = _ids_by_object(tracker, frames)
     assert len(set(ids["car"][5:])) == 1 and len(set(ids["person"][5:])) == 1
     assert ids["car"][-1] != ids["person"][-1]
 
@@ -93,14 +97,35 @@ def test_a_person_never_takes_over_a_car_track(class_aware: bool) -> None:
 
 def test_track_ends_after_the_object_leaves() -> None:
     config = TrackConfig(hit_counter_max=5, initialization_delay=1)
-    tracker = Tracker(config)
     events: list[dict] = []
+    tracker = Tracker(config, CLASS_NAMES, publish=events.append)
     for t in range(10):
-        events += tracker.process(_packet(t, [_box(100 + 2 * t, 100)], [2])).events
+        tracker.process(_packet(t, [_box(100 + 2 * t, 100)], [2]))
     for t in range(10, 30):
-        events += tracker.process(_packet(t, [], [])).events
-    assert [e["event"] for e in events] == ["track_started", "track_ended"]
-    assert events[1] == {"event": "track_ended", "track_id": 1, "class_id": 2}
+        tracker.process(_packet(t, [], []))
+    assert [e["type"] for e in events] == ["track_started", "track_ended"]
+    ended = events[1]
+    assert (ended["track_id"], ended["class_id"], ended["label"], ended["reason"]) == (1, 2, "car", "lost")
+    assert ended["last_seen_frame"] == 9 and ended["last_seen_pts_s"] == pytest.approx(9 / 30, abs=1e-6)
+    assert ended["box_xyxy"] == pytest.approx(_box(118, 100))
+    # Dropped a few frames after the last sighting, within its allowed misses.
+    assert 10 <= ended["frame"] <= 10 + config.hit_counter_max + 1
+    assert ended["pts_s"] == pytest.approx(ended["frame"] / 30, abs=1e-6)
+
+
+def test_tracks_alive_at_the_end_of_the_input_end_in_flush() -> None:
+    events: list[dict] = []
+    tracker = Tracker(TrackConfig(initialization_delay=1), CLASS_NAMES, publish=events.append)
+    for t in range(6):
+        tracker.process(_packet(t, [_box(100 + 2 * t, 100), _box(300, 300)], [2, 0]))
+        tracker.process(_packet(t, [_box(50, 50)], [0], stream="1"))
+    assert list(tracker.flush()) == []
+    ended = sorted((e["stream"], e["track_id"]) for e in events if e["type"] == "track_ended")
+    started = sorted((e["stream"], e["track_id"]) for e in events if e["type"] == "track_started")
+    assert ended == started == [("0", 1), ("0", 2), ("1", 1)]
+    for e in events:
+        if e["type"] == "track_ended":
+            assert e["reason"] == "stream_ended" and e["frame"] == e["last_seen_frame"] == 5
 
 
 def test_frames_without_inference_advance_the_tracker() -> None:
