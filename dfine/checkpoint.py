@@ -180,7 +180,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     wanted = state_dict_signature(model.state_dict())
     found = state_dict_signature(state)
     if found is None:
-        raise CheckpointError(f"{source} is not a D-FINE checkpoint (its '{entry}' weights lack the HGNetv2/encoder keys)")
+        raise CheckpointError(
+            f"{source} is not a D-FINE checkpoint (its '{entry}' weights lack the HGNetv2/encoder keys)"
+        )
     if wanted is not None and found != wanted:
         hint = ""
         size = found.size_name()
@@ -195,3 +197,22 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
         raise CheckpointError(f"{source} ('{entry}') does not match {_model_description(model)}: {problems}")
     model.load_state_dict(state, strict=True)
     logger.info("loaded %s from %s (%s)", entry, path, found.describe())
+
+
+def build_and_load(size: str, num_classes: int, path: str | Path | None, *, seed: int = 0) -> nn.Module:
+    """The one build-and-load routine: the network of ``size`` with ``path``'s weights, in eval
+    mode; ``path=None`` gives random weights drawn with ``seed`` (the caller's random stream is
+    left as it was).
+
+    Raises:
+        CheckpointError: see :func:`load_checkpoint`.
+    """
+    from dfine.model import build_model
+
+    if path is None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return build_model(size, num_classes=num_classes).eval()
+    model = build_model(size, num_classes=num_classes)
+    load_checkpoint(model, path)
+    return model.eval()

@@ -23,7 +23,12 @@ import torch
 from torch import nn
 
 from dfine.backends.class_names import resolve_class_names
-from dfine.backends.onnx_backend import INPUT_NAMES, META_CLASS_NAMES, META_NUM_CLASSES, OUTPUT_NAMES
+from dfine.backends.onnx_backend import (
+    INPUT_NAMES,
+    META_CLASS_NAMES,
+    META_NUM_CLASSES,
+    OUTPUT_NAMES,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -163,27 +168,42 @@ def export_onnx(
 
 def export_from_checkpoint(
     ckpt_path: str | Path,
-    size: str,
-    num_classes: int,
+    size: str | None,
+    num_classes: int | None,
     out_path: str | Path,
     imgsz: int | tuple[int, int] = 640,
     opset: int = 17,
     *,
     dynamic_batch: bool = True,
-    class_names: Sequence[str] | None = None,
 ) -> Path:
-    """Build the network of ``size``, load ``ckpt_path`` (official trainer layout or a bare
-    state dict; raises ``dfine.CheckpointError``) and export it with :func:`export_onnx`."""
-    import dfine
+    """Export a checkpoint with :func:`export_onnx`: its size, class count and class names are
+    read from the file (:func:`dfine.model_info.read_model_info`); ``size``/``num_classes``,
+    when given, must match it.
 
-    model = dfine.build_model(size, num_classes=num_classes)
-    dfine.load_checkpoint(model, ckpt_path)
+    Raises:
+        dfine.CheckpointError: not a D-FINE checkpoint, or not of ``size``/``num_classes``.
+    """
+    import dfine
+    from dfine.checkpoint import CheckpointError, build_and_load
+    from dfine.model_info import read_model_info
+
+    info = read_model_info(ckpt_path)
+    assert info.size is not None  # a checkpoint always says its size
+    if size is not None and size != info.size:
+        raise CheckpointError(
+            f"{ckpt_path} is D-FINE-{info.size.upper()}, not {size!r}; drop --size (the file says it)"
+        )
+    if num_classes is not None and num_classes != info.num_classes:
+        raise CheckpointError(
+            f"{ckpt_path} has {info.num_classes} classes, not {num_classes}; drop --num-classes"
+        )
+    model = build_and_load(info.size, info.num_classes, ckpt_path)
     return export_onnx(
-        model.eval(),
-        dfine.PostProcessor(num_classes=num_classes),
+        model,
+        dfine.PostProcessor(num_classes=info.num_classes),
         out_path,
         imgsz=imgsz,
         opset=opset,
         dynamic_batch=dynamic_batch,
-        class_names=class_names,
+        class_names=info.class_names,
     )

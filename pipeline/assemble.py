@@ -7,29 +7,43 @@ oldest frame and are kept short, so the newest frame is always the next one proc
 latency cannot build up. Drops are counted per buffer in the metrics.
 
 Each stage receives only its own section of the config.
+
+``build_pipeline`` is also the check phase: in the calling (main) thread, before any stage
+thread starts, it opens every file source and decodes its first frame, and reads the model
+file's facts (``ModelInfo``) and checks them against the config; a live URL is not probed (a
+camera may come up later, by design). Every failure is one ``ValueError`` line naming the
+thing and the fix. The model itself is loaded once, later, in the inference thread.
 """
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from dfine.model_info import ModelInfo
 from pipeline.config import AppConfig, SourceConfig
+from pipeline.metrics import PipelineMetrics
 from pipeline.ring_buffer import OverflowPolicy
 from pipeline.runner import BufferSpec, Pipeline
 from pipeline.schema import ConfigError
-from pipeline.stage import Processor, Sink, Source
+from pipeline.stage import Processor, Sink
 from stages.decode import FileSource
 from stages.frame import FramePacket
-from stages.infer import Backend, InferConfig, InferenceStage, make_backend, resolve_backend
+from stages.infer import (
+    Backend,
+    BackendChoice,
+    InferenceStage,
+    PreparedModel,
+    make_backend,
+    prepare_model,
+)
 from stages.live import LiveSource
-from stages.preprocess import PreprocessConfig, PreprocessDevice, Preprocessor
+from stages.preprocess import PreprocessConfig, Preprocessor
 from stages.sinks.jsonl import JsonLinesSink
 from stages.sinks.mot import MotSink
 from stages.sinks.rtsp_publish import RtspPublishSink
@@ -42,12 +56,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class AssembledPipeline:
-    """A pipeline ready to start, with what the CLI shows about it."""
+    """A pipeline ready to start, with what the CLI shows about it.
+
+    Attributes:
+        model: the model file's facts, read once in the check phase; the sinks' labels and
+            the backend's class names both come from it.
+        backend: which backend runs it and why (the CLI's start-up line).
+    """
 
     pipeline: Pipeline
     sources: Sequence[FileSource | LiveSource]
     live: bool
+    model: ModelInfo
+    backend: BackendChoice
     outputs: list[str] = field(default_factory=list)
+    counted: Sequence[Any] = ()
 
     def total_frames(self) -> int | None:
         """Frames expected from all sources, when every source is a file that knows its length."""
@@ -58,6 +81,18 @@ class AssembledPipeline:
             return None
         return sum(t for t in totals if t is not None)
 
+    def metrics(self) -> PipelineMetrics:
+        """The pipeline's metrics with the counters of the stages that keep their own
+        (live sources: outages, reconnects; ZeroMQ and RTSP sinks: drops, bytes)."""
+        counters: dict[str, dict[str, int | float | bool]] = {}
+        for stage in self.counted:
+            stats = stage.stats()
+            values = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
+            counters[stage.name] = {
+                k: v for k, v in values.items() if isinstance(v, (int, float, bool))
+            }
+        return dataclasses.replace(self.pipeline.metrics(), counters=counters)
+
     def output_summary(self) -> list[str]:
         return [f"wrote {o}" for o in self.outputs]
 
@@ -66,38 +101,44 @@ class AssembledPipeline:
         self.pipeline.stop()
 
     def input_losses(self) -> list[str]:
-        """One line per file source that ended early (a truncated file), after the run."""
+        """One line per file source that was cut short (judged on evidence), after the run."""
         losses = []
         for source in self.sources:
-            if isinstance(source, FileSource) and source.frames_lost_estimate:
-                total = source.frames_decoded + source.frames_lost_estimate
+            if isinstance(source, FileSource) and source.truncation is not None:
+                of = ""
+                if source.frames_lost_estimate:
+                    of = f" of ~{source.frames_decoded + source.frames_lost_estimate}"
                 losses.append(
-                    f"{source.config.path}: decoded {source.frames_decoded} of ~{total} frames; "
-                    f"the file is truncated (outputs hold the {source.frames_decoded} decoded frames)"
+                    f"{source.config.path}: decoded {source.frames_decoded}{of} frames; the file "
+                    f"is truncated ({source.truncation}); outputs hold the "
+                    f"{source.frames_decoded} decoded frames"
                 )
         return losses
 
 
 def build_pipeline(config: AppConfig) -> AssembledPipeline:
-    """The pipeline ``config`` describes; raises ``ConfigError`` or ``FileNotFoundError``
-    (one line each) for what can be checked before any thread starts."""
+    """The pipeline ``config`` describes, after the check phase (see the module doc).
+
+    Raises:
+        ConfigError, ValueError: bad input, one line each (``VideoSourceError`` for a source,
+            ``dfine.CheckpointError`` for the model file); nothing has started.
+    """
     if not config.sources:
         raise ConfigError("no source: give --source PATH_OR_URL or list 'sources' in the config")
     _check_stream_ids(config.sources)
+    prepared = prepare_model(config.model)
+    # Files are opened here, in the main thread, and their first frame decoded: "cannot read"
+    # is said before any thread starts or any output is created.
     for source_config in config.sources:
-        if source_config.file is not None and not Path(source_config.file.path).is_file():
-            raise FileNotFoundError(
-                f"video file not found: {source_config.file.path} (check --source or sources[].file.path)"
-            )
-    if config.model.model is not None and not Path(config.model.model).is_file():
-        raise FileNotFoundError(f"model file not found: {config.model.model} (check --model)")
+        if source_config.file is not None:
+            FileSource(source_config.file).check()
     if config.model.model is None:
         # Said here, once per run, whatever the backend and whether an export is cached.
         logger.warning(
             "NO MODEL GIVEN: D-FINE-%s runs with UNTRAINED random weights, so every box and "
             "label is MEANINGLESS. Download an official checkpoint (e.g. dfine_%s_coco.pth from "
             "the D-FINE GitHub releases, github.com/Peterande/D-FINE) and pass --model.",
-            config.model.size.upper(), config.model.size,
+            prepared.info.size.upper() if prepared.info.size else "N", prepared.info.size or "n",
         )
 
     live = any(s.live is not None for s in config.sources)
@@ -106,16 +147,17 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
     else:
         spec = BufferSpec(config.buffers.capacity, OverflowPolicy.BLOCK)
 
-    if resolve_backend(config.model) is not Backend.TORCH:
+    if prepared.choice.backend is not Backend.TORCH:
         # torch only resizes frames here; its default pool of one thread per core fights the
         # model's runtime for the cores (bench/RESULTS.md: 3-6 ms with 1 thread, 24-27 with 2).
         torch.set_num_threads(1)
-    processors = _make_processors(config)
-    class_names = model_class_names(config.model)
+    processors = _make_processors(config, prepared)
+    class_names = list(prepared.info.class_names)
     sinks, outputs = _make_sinks(config, class_names)
     event_sink = next((s for s in sinks if isinstance(s, ZmqEventSink)), None)
     # source_lost/restored go out over ZeroMQ at once, even while no frames flow.
-    on_event = event_sink.post_event if event_sink is not None else None
+    # getattr: the sink may take them from the runner's event channel instead.
+    on_event = getattr(event_sink, "post_event", None)
     sources = [_make_source(s, on_event) for s in config.sources]
     if not sinks:
         logger.warning("no outputs configured: detections are computed but not saved "
@@ -129,7 +171,16 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
         join_timeout_s=3.0,
         thread_nice=nice_all_but_inference([*sources, *processors, *sinks]) if not live else None,
     )
-    return AssembledPipeline(pipeline=pipeline, sources=sources, live=live, outputs=outputs)
+    counted = [s for s in [*sources, *sinks] if isinstance(s, (LiveSource, ZmqEventSink, RtspPublishSink))]
+    return AssembledPipeline(
+        pipeline=pipeline,
+        sources=sources,
+        live=live,
+        model=prepared.info,
+        backend=prepared.choice,
+        outputs=outputs,
+        counted=counted,
+    )
 
 
 # Files: inference is the bottleneck by far, and on a small machine the decoder's, encoder's and
@@ -142,28 +193,6 @@ BACKGROUND_NICE = 10
 def nice_all_but_inference(stages: Sequence[Any], nice: int = BACKGROUND_NICE) -> dict[str, int]:
     """``Pipeline(thread_nice=...)`` for ``stages``: every stage but the inference at ``nice``."""
     return {s.name: nice for s in stages if not isinstance(s, InferenceStage)}
-
-
-def model_class_names(config: InferConfig) -> list[str]:
-    """Class names, index = label: from an ONNX file's metadata when it carries them, else COCO
-    for 80 classes, else ``class_<i>``. Read here, before any thread starts, so every sink can
-    be given them."""
-    from dfine.backends.class_names import resolve_class_names
-
-    path = Path(config.model) if config.model is not None else None
-    if path is not None and path.suffix == ".onnx":
-        import onnx
-
-        try:
-            proto = onnx.load(str(path), load_external_data=False)
-        except Exception as exc:  # onnx raises assorted protobuf/IO errors for a bad file
-            raise ValueError(f"not an ONNX model: {path} ({type(exc).__name__}); "
-                             "give an .onnx exported by 'finestream export' or D-FINE's tools") from None
-        meta = {p.key: p.value for p in proto.metadata_props}
-        if "class_names" in meta:
-            names = json.loads(meta["class_names"])
-            return resolve_class_names(len(names), names)
-    return resolve_class_names(config.num_classes)
 
 
 def _check_stream_ids(sources: Sequence[SourceConfig]) -> None:
@@ -185,12 +214,13 @@ def _make_source(
     return LiveSource(config.live, on_event=on_event)
 
 
-def _make_processors(config: AppConfig) -> list[Processor[FramePacket, FramePacket]]:
-    model = config.model
-    preprocess = Preprocessor(
-        PreprocessConfig(input_size=model.imgsz, device=PreprocessDevice(model.device.value))
-    )
-    infer = InferenceStage(model, lambda: make_backend(model))
+def _make_processors(
+    config: AppConfig, prepared: PreparedModel
+) -> list[Processor[FramePacket, FramePacket]]:
+    model, info = prepared.config, prepared.info
+    assert model.imgsz is not None  # settled by prepare_model
+    preprocess = Preprocessor(PreprocessConfig(input_size=model.imgsz, device=model.device))
+    infer = InferenceStage(model, lambda: make_backend(model, info))
     processors: list[Processor[FramePacket, FramePacket]] = [preprocess, infer]
     if config.track is not None:
         processors.append(Tracker(config.track))

@@ -2,7 +2,9 @@
 
 The only module that configures logging, installs signal handlers and writes to the terminal.
 Every error that reaches the user is one line, ``finestream: error: ...``, and a non-zero exit:
-2 for bad usage or config, 1 for a failure while running, 130 after an interrupt.
+2 for bad usage, config or input (refused before anything starts), 1 for a failure while
+running, 130 after an interrupt. Quiet by default: the progress bar or status line, warnings,
+one start-up line naming the backend, and the final table; ``-v`` adds INFO, ``-vv`` DEBUG.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from dfine.backends.tensorrt_backend import TensorRTUnavailableError
 from pipeline.assemble import AssembledPipeline, build_pipeline
 from pipeline.config import AppConfig, CliOverrides, apply_overrides, load_config
 from pipeline.label_cli import add_label_command
@@ -56,7 +59,7 @@ def _handle(args: argparse.Namespace) -> int:
     try:
         code: int = args.handler(args)
         return code
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, FileNotFoundError, ValueError, TensorRTUnavailableError) as exc:
         _error(str(exc))
         return EXIT_USAGE
     except StageError as exc:
@@ -71,7 +74,8 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="finestream",
         description="Real-time video analytics with the D-FINE detector.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="-v: what each stage does (INFO); -vv: debug logging")
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser(
@@ -81,13 +85,19 @@ def _build_parser() -> argparse.ArgumentParser:
         "bundled defaults (configs/default.yaml values) apply.",
     )
     run.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
+    # Also after the command (finestream run -v ...); counts add up with the global flag's.
+    run.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                     help="-v INFO, -vv DEBUG")
     run.add_argument("--source", action="append", metavar="PATH_OR_URL",
                      help="video file or stream URL; repeat for several sources")
     run.add_argument("--model", metavar="CKPT_OR_ONNX_OR_ENGINE",
                      help="official-layout .pth, .onnx, or TensorRT .engine")
-    run.add_argument("--size", choices=["n", "s", "m", "l", "x"], help="D-FINE size of a .pth")
-    run.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"])
-    run.add_argument("--imgsz", type=int, help="model input size (multiple of 32)")
+    run.add_argument("--size", choices=["n", "s", "m", "l", "x"],
+                     help="D-FINE size (default: read from the checkpoint)")
+    run.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"],
+                     help="default auto: the fastest for the model here (the first line says which)")
+    run.add_argument("--imgsz", type=int,
+                     help="model input size, a multiple of 32 (default: the .onnx/.engine's own, else 640)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to preprocess and infer")
     run.add_argument("--threshold", type=float, help="score threshold for detections")
     run.add_argument("--output", type=Path, metavar="OUT_MP4", help="annotated MP4")
@@ -108,8 +118,10 @@ def _build_parser() -> argparse.ArgumentParser:
         "the graph), and optionally build a TensorRT engine from it.",
     )
     export.add_argument("checkpoint", type=Path, help="official-layout .pth")
-    export.add_argument("--size", required=True, choices=["n", "s", "m", "l", "x"])
-    export.add_argument("--num-classes", type=int, default=80)
+    export.add_argument("--size", choices=["n", "s", "m", "l", "x"],
+                        help="default: read from the checkpoint (given, it must match)")
+    export.add_argument("--num-classes", type=int,
+                        help="default: read from the checkpoint (given, it must match)")
     export.add_argument("--imgsz", type=int, default=640)
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--output", type=Path, help="ONNX path (default: beside the checkpoint)")
@@ -149,9 +161,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
             max_frames=args.max_frames,
         ),
     )
-    assembled = build_pipeline(config)
+    assembled = build_pipeline(config)  # the check phase: bad input is refused here
+    print(f"finestream: {assembled.backend.describe()}; model: {assembled.model.describe()}",
+          file=sys.stderr)
     interrupted = _run_with_signals(assembled, show_progress=not args.no_progress)
-    metrics = assembled.pipeline.metrics()
+    metrics = assembled.metrics()
     print(metrics.format_table(), file=sys.stderr)
     if args.stats:
         args.stats.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +234,7 @@ class _ProgressDisplay:
         self._width = 0
 
     def update(self) -> None:
-        metrics = self._assembled.pipeline.metrics()
+        metrics = self._assembled.metrics()
         total = self._assembled.total_frames()
         if self._assembled.live or not total:
             text = metrics.status_line()
@@ -248,8 +262,11 @@ class _ProgressDisplay:
 def _cmd_export(args: argparse.Namespace) -> int:
     from dfine.export import export_from_checkpoint
 
-    if not args.checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint not found: {args.checkpoint} (check the path)")
+    from dfine.model_info import read_model_info
+
+    info = read_model_info(args.checkpoint)  # one-line errors for a wrong file, before any work
+    if info.size is None:
+        raise ValueError(f"{args.checkpoint}: not a checkpoint; export takes a .pth")
     onnx_path = args.output or args.checkpoint.with_suffix(f".{args.imgsz}.onnx")
     export_from_checkpoint(args.checkpoint, args.size, args.num_classes, onnx_path, args.imgsz, args.opset)
     print(f"wrote {onnx_path}", file=sys.stderr)
@@ -275,13 +292,18 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbosity: int) -> None:
+    """Quiet by default (warnings); -v INFO, -vv DEBUG with times and threads."""
+    level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="finestream: %(levelname)s: %(message)s" if not verbose
+        level=level,
+        format="finestream: %(levelname)s: %(message)s" if verbosity < 2
         else "%(asctime)s %(threadName)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    # FFmpeg's own messages (a decoder complaining about one damaged packet) are said in our
+    # words by the stage concerned; FFmpeg's are shown only when debugging.
+    logging.getLogger("libav").setLevel(logging.DEBUG if verbosity >= 2 else logging.CRITICAL)
 
 
 def _error(message: str) -> None:

@@ -45,7 +45,11 @@ class SourceConfig:
 
     @classmethod
     def from_uri(cls, uri: str, stream_id: str) -> SourceConfig:
-        """A URL with a scheme (rtsp://, http://...) is live; anything else is a file."""
+        """A URL with a scheme (rtsp://, http://...) is live; anything else is a file.
+
+        Raises:
+            ValueError: a scheme a live source does not take (``LiveSourceConfig``).
+        """
         scheme, sep, _ = uri.partition("://")
         if sep and scheme.lower() != "file":
             return cls(live=LiveSourceConfig(url=uri, stream_id=stream_id))
@@ -167,14 +171,19 @@ def _apply_overrides(config: AppConfig, cli: CliOverrides) -> AppConfig:
     model = dataclasses.replace(config.model, **model_changes)  # type: ignore[arg-type]
 
     outputs = config.outputs
-    if cli.video is not None:
-        outputs = dataclasses.replace(outputs, video=VideoSinkConfig(path=str(cli.video)))
-    if cli.jsonl is not None:
-        outputs = dataclasses.replace(outputs, jsonl=JsonLinesSinkConfig(path=str(cli.jsonl)))
-    if cli.mot is not None:
-        outputs = dataclasses.replace(outputs, mot=MotSinkConfig(path=str(cli.mot)))
-    if cli.zmq is not None:
-        outputs = dataclasses.replace(outputs, zmq=ZmqSinkConfig(endpoint=cli.zmq))
-    if cli.publish is not None:
-        outputs = dataclasses.replace(outputs, rtsp=RtspPublishConfig(url=cli.publish))
+    # Each flag sets one key of its section and keeps the rest (trail length, crf, ...): a
+    # section the config lacks is made with its defaults.
+    for section, key, value, kind in (
+        ("video", "path", cli.video, VideoSinkConfig),
+        ("jsonl", "path", cli.jsonl, JsonLinesSinkConfig),
+        ("mot", "path", cli.mot, MotSinkConfig),
+        ("zmq", "endpoint", cli.zmq, ZmqSinkConfig),
+        ("rtsp", "url", cli.publish, RtspPublishConfig),
+    ):
+        if value is None:
+            continue
+        text = str(value)
+        current = getattr(outputs, section)
+        updated = kind(**{key: text}) if current is None else dataclasses.replace(current, **{key: text})
+        outputs = dataclasses.replace(outputs, **{section: updated})
     return dataclasses.replace(config, sources=sources, model=model, outputs=outputs)

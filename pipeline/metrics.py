@@ -22,8 +22,8 @@ import enum
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from pipeline.ring_buffer import BufferStats
@@ -298,6 +298,16 @@ def _json_value(value: Any) -> Any:
     return value
 
 
+#: Counters the live status line shows (when not zero).
+_STATUS_COUNTERS = ("outages", "failed_attempts", "dropped")
+
+
+def _counter(value: int | float | bool) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.1f}" if isinstance(value, float) else str(value)
+
+
 def _fmt(value: float | None, spec: str = ".1f") -> str:
     return "-" if value is None else format(value, spec)
 
@@ -314,6 +324,9 @@ class PipelineMetrics:
         latency: source-to-sink-write latency over all sinks.
         stages: in pipeline order: sources, processors, sinks.
         buffers: in pipeline order: each processor's input, then each sink's input.
+        counters: per stage name, the counters a stage keeps of its own work (a live
+            source's outages and reconnects, a ZeroMQ or RTSP sink's drops and bytes), added
+            by whoever knows those stages (``AssembledPipeline.metrics()``); empty otherwise.
     """
 
     wall_s: float
@@ -322,6 +335,7 @@ class PipelineMetrics:
     latency: LatencyMetrics
     stages: tuple[StageMetrics, ...]
     buffers: tuple[BufferStats, ...]
+    counters: Mapping[str, Mapping[str, int | float | bool]] = field(default_factory=dict)
 
     @property
     def dropped(self) -> int:
@@ -331,6 +345,7 @@ class PipelineMetrics:
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, lists, numbers, strings and ``None`` (enums as their values)."""
         d = _json_value(asdict(self))
+        d["counters"] = {name: dict(values) for name, values in self.counters.items()}
         d["dropped"] = self.dropped
         return dict(d)
 
@@ -356,6 +371,11 @@ class PipelineMetrics:
                     f"{b.name:<16} {b.policy.value:<11} {f'{b.level}/{b.capacity}':>9} "
                     f"{b.high_water:>5} {b.put_count:>8} {b.dropped:>8}"
                 )
+        if self.counters:
+            lines.append("")
+            for name, values in self.counters.items():
+                shown = "  ".join(f"{k} {_counter(v)}" for k, v in values.items())
+                lines.append(f"{name:<16} {shown}")
         lines.append("")
         lat = self.latency
         lines.append(
@@ -386,5 +406,10 @@ class PipelineMetrics:
         if self.buffers:
             parts.append("q " + " ".join(f"{b.level}/{b.capacity}" for b in self.buffers))
         parts.append(f"drops {self.dropped}")
+        # The counters that say something went wrong, and only once it has.
+        for name, values in self.counters.items():
+            trouble = {k: v for k, v in values.items() if k in _STATUS_COUNTERS and v}
+            if trouble:
+                parts.append(f"{name} " + " ".join(f"{k} {_counter(v)}" for k, v in trouble.items()))
         parts.append(f"lat p95 {_fmt(self.latency.p95_ms, '.0f')} ms")
         return " | ".join(parts)

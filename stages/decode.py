@@ -23,6 +23,7 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
+import av.logging
 import numpy as np
 
 from pipeline.stage import StageBase
@@ -32,13 +33,17 @@ logger = logging.getLogger(__name__)
 
 # FFmpeg and GStreamer assume 25 fps for streams that carry no rate (raw Annex B).
 _FALLBACK_FRAME_RATE = 25.0
-# With no exact frame count, only call a shortfall "truncation" when it is clearly more than the
-# rounding in a duration × rate estimate (flower_960x540_vp8.webm: 150 frames, estimate 152).
-_ESTIMATE_SLACK = 0.9
+# What FFmpeg's demuxers say when the data ends inside a packet or element. Matroska drops the
+# cut block without an error code, so its log line is the only evidence of a truncated WebM/MKV;
+# MP4 flags the partial packet as corrupt too. Frame-count estimates are not evidence: for many
+# complete files (VFR, odd durations, raw streams) they are simply wrong.
+_TRUNCATION_LOGS = ("file ended prematurely", "partial file", "packet corrupt")
 
 
-class VideoSourceError(Exception):
-    """A video source cannot be read: missing, empty, not a video, or nothing decodes."""
+class VideoSourceError(ValueError):
+    """A video source cannot be read: missing, empty, not a video, or nothing decodes.
+
+    A ``ValueError``: bad input, refused in one line before the pipeline starts."""
 
 
 def frame_to_rgb_u8(frame: av.VideoFrame) -> np.ndarray:
@@ -100,11 +105,15 @@ class FileSource(StageBase[FramePacket]):
 
     After ``setup()``: ``width``/``height`` (displayed, after rotation), ``frame_rate``,
     ``total_frames`` (an estimate or ``None``). After ``items()`` is exhausted:
-    ``frames_decoded`` and ``frames_lost_estimate`` (frames a truncated or damaged file
-    could not give, 0 when complete).
+    ``frames_decoded``, ``truncation`` (why the file is judged truncated, ``None`` when it
+    ended cleanly) and ``frames_lost_estimate`` (for a truncated file, frames short of the
+    container's count when it has one, else 0).
 
-    Raises ``VideoSourceError`` from ``setup()`` when the file is missing, empty, not a video,
-    has no video stream, or no frame decodes.
+    A file is judged truncated only on evidence: the demuxer or decoder failed, or the data
+    ended inside a packet. Never from the frame count alone, which containers often misstate.
+
+    Raises ``VideoSourceError`` from ``setup()`` (and ``check()``) when the file is missing,
+    empty, not a video, has no video stream, or no frame decodes.
     """
 
     def __init__(self, config: DecodeConfig) -> None:
@@ -122,8 +131,10 @@ class FileSource(StageBase[FramePacket]):
         self._frame_rate = _FALLBACK_FRAME_RATE
         self._total_frames: int | None = None
         self._total_is_exact = False
+        self._evidence: list[str] = []  # FFmpeg's log lines that say the data ended early
         self.frames_decoded = 0
         self.frames_lost_estimate = 0
+        self.truncation: str | None = None
 
     # --- what is known after setup -------------------------------------------------------
 
@@ -153,28 +164,39 @@ class FileSource(StageBase[FramePacket]):
 
     # --- stage methods -------------------------------------------------------------------
 
+    def check(self) -> None:
+        """Open the file, decode its first frame and close it again: the check phase, in the
+        main thread before any stage starts. Raises what ``setup()`` raises."""
+        self.setup()
+        self.teardown()
+
     def setup(self) -> None:
         """Open the file and decode the first frame, so that every "cannot read" error is
         raised here, before the pipeline starts, and the picture size is known."""
         path = self._path
         if not path.exists():
-            raise VideoSourceError(f"video file not found: {path}")
+            raise VideoSourceError(f"video file not found: {path} (check --source or sources[].file.path)")
         if not path.is_file():
-            raise VideoSourceError(f"video path is not a file: {path}")
+            raise VideoSourceError(f"video path is not a file: {path} (give a video file, not a folder)")
         if path.stat().st_size == 0:
-            raise VideoSourceError(f"video file is empty (0 bytes): {path}")
+            raise VideoSourceError(f"video file is empty (0 bytes): {path} (give a complete video file)")
+        _enable_ffmpeg_errors()
+        # A fresh start (check() opened the file once before).
+        self._evidence = []
+        self._decode_errors = 0
+        self._last_error = None
         try:
             container = av.open(str(path), mode="r")
         except av.FFmpegError as exc:
             raise VideoSourceError(
-                f"cannot open {path} as a video ({exc.strerror}); is it a video file?"
+                f"cannot open {path} as a video ({exc.strerror}); give a video file FFmpeg reads"
             ) from exc
         self._container = container
         if not container.streams.video:
             kinds: list[str] = sorted({str(s.type) for s in container.streams}) or ["none"]
             self.teardown()
             raise VideoSourceError(
-                f"{path} has no video stream (streams: {', '.join(kinds)})"
+                f"{path} has no video stream (streams: {', '.join(kinds)}); give a file with video"
             )
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
@@ -188,7 +210,9 @@ class FileSource(StageBase[FramePacket]):
         if self._first_frame is None:
             detail = f": {self._last_error}" if self._last_error else ""
             self.teardown()
-            raise VideoSourceError(f"no frame of {path} could be decoded{detail}")
+            raise VideoSourceError(
+                f"no frame of {path} could be decoded{detail}; is the file cut short or damaged?"
+            )
         first = frame_to_rgb_u8(self._first_frame)
         self._height, self._width = first.shape[:2]
         logger.info(
@@ -278,44 +302,73 @@ class FileSource(StageBase[FramePacket]):
         assert self._container is not None and self._stream is not None
         packets = self._container.demux(self._stream)
         while True:
-            try:
-                packet = next(packets)
-            except StopIteration:
-                return
-            except av.FFmpegError as exc:
-                self._decode_errors += 1
-                self._last_error = exc
-                logger.debug("%s: read error, ending the stream: %s", self._path, exc)
-                return
-            try:
-                decoded = packet.decode()
-            except av.FFmpegError as exc:
-                # A damaged or cut-off packet: skip it, later packets may decode.
-                self._decode_errors += 1
-                self._last_error = exc
-                logger.debug("%s: packet at pts %s does not decode: %s", self._path, packet.pts, exc)
-                continue
+            # local=True: only this thread's FFmpeg messages (the demuxer runs here; what the
+            # decoder's worker threads say goes to the ``libav`` loggers).
+            with av.logging.Capture(local=True) as logs:
+                try:
+                    packet = next(packets)
+                except StopIteration:
+                    return
+                except av.FFmpegError as exc:
+                    self._decode_errors += 1
+                    self._last_error = exc
+                    self._evidence.append(f"read error: {exc}")
+                    logger.debug("%s: read error, ending the stream: %s", self._path, exc)
+                    return
+                finally:
+                    self._note_evidence(logs)
+                if packet.is_corrupt and packet.size:
+                    self._evidence.append(f"packet at pts {packet.pts} is incomplete")
+                try:
+                    decoded = packet.decode()
+                except av.FFmpegError as exc:
+                    # A damaged or cut-off packet: skip it, later packets may decode.
+                    self._decode_errors += 1
+                    self._last_error = exc
+                    logger.debug("%s: packet at pts %s does not decode: %s", self._path, packet.pts, exc)
+                    continue
             yield from decoded  # type: ignore[misc]
+
+    def _note_evidence(self, logs: list[tuple[int, str, str]]) -> None:
+        for _level, _name, message in logs:
+            if any(sign in message.lower() for sign in _TRUNCATION_LOGS):
+                self._evidence.append(message.strip())
 
     def _report_losses(self, repaired: int) -> None:
         decoded = self.frames_decoded
         expected = self._total_frames
         if repaired > 1:
             logger.warning("%s: %d frames had out-of-order or repeated pts", self._path, repaired)
-        if expected is not None and decoded < expected:
-            short = decoded < expected * _ESTIMATE_SLACK
-            if self._total_is_exact or self._decode_errors > 0 or short:
+        if self._evidence:
+            self.truncation = self._evidence[0]
+            if expected is not None and self._total_is_exact and decoded < expected:
                 self.frames_lost_estimate = expected - decoded
                 logger.warning(
-                    "%s: decoded %d of ~%d frames; the file is truncated",
-                    self._path, decoded, expected,
+                    "%s: decoded %d of ~%d frames; the file is truncated (%s)",
+                    self._path, decoded, expected, self.truncation,
                 )
-                return
+            else:
+                logger.warning(
+                    "%s: decoded %d frames; the file is truncated (%s)",
+                    self._path, decoded, self.truncation,
+                )
+            return
         if self._decode_errors > 0:
             logger.warning(
                 "%s: %d packets could not be decoded and were skipped (last error: %s)",
                 self._path, self._decode_errors, self._last_error,
             )
+
+
+
+def _enable_ffmpeg_errors() -> None:
+    """Let FFmpeg's error messages reach PyAV, where ``_decode_all`` captures the demuxer's in
+    its own thread. PyAV keeps FFmpeg silent by default; without its messages a WebM cut
+    mid-block cannot be told from a complete one. Messages no capture takes go to the
+    ``libav`` Python loggers (the CLI shows them only with -vv)."""
+    level = av.logging.get_level()
+    if level is None or level < av.logging.ERROR:
+        av.logging.set_level(av.logging.ERROR)
 
 
 def _stream_rate(stream: av.VideoStream) -> float:

@@ -12,19 +12,23 @@ Thread: the inference stage's own thread. The backend is made in ``setup()`` in 
 Ownership: the backend returns new host arrays per call (see ``DetectorBackend``); the
 detections built from them belong to the packet. Nothing is reused across frames.
 
-:func:`make_backend` picks the backend from the config: a ``.pth`` checkpoint runs in torch (or,
-with ``backend: onnxruntime``, is exported once to ONNX and cached by content hash), an
-``.onnx`` file in ONNX Runtime, an ``.engine`` in TensorRT; no model at all gives an untrained
-network (random weights) for trying the pipeline out, with a loud warning.
+:func:`prepare_model` is the check phase for the model (main thread, before any stage starts):
+it reads the file's facts once (``dfine.model_info.ModelInfo``: class names, input size, size),
+checks them against the config and picks the backend (:func:`choose_backend`: with ``auto``, an
+``.onnx`` runs in ONNX Runtime, an ``.engine`` in TensorRT, a ``.pth`` in torch FP16 on CUDA or,
+on a CPU, in ONNX Runtime on an export made once and cached by content hash). :func:`make_backend`
+then loads it, in the stage's thread. No model at all gives an untrained network (random
+weights) for trying the pipeline out, with a loud warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import hashlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +36,8 @@ import numpy as np
 import torch
 
 from dfine.backends.base import DetectorBackend
+from dfine.backends.device import Device, resolve_device
+from dfine.model_info import ModelInfo, ModelKind, model_kind, read_model_info
 from pipeline.stage import StageBase
 from stages.frame import Detections, FramePacket
 
@@ -50,20 +56,12 @@ _EXPORT_VERSION = "1"
 
 
 class Backend(str, enum.Enum):
-    AUTO = "auto"  # from the model file: .pth → torch, .onnx → onnxruntime, .engine → tensorrt
+    #: the fastest for the file here: .onnx → onnxruntime, .engine → tensorrt; a .pth (or no
+    #: model) → torch FP16 on a CUDA GPU, else ONNX Runtime on a cached export.
+    AUTO = "auto"
     TORCH = "torch"
     ONNXRUNTIME = "onnxruntime"
     TENSORRT = "tensorrt"
-
-
-class Device(str, enum.Enum):
-    AUTO = "auto"  # CUDA when available, else CPU
-    CPU = "cpu"
-    CUDA = "cuda"
-
-
-_CHECKPOINT_SUFFIXES = (".pth", ".pt")
-_ENGINE_SUFFIXES = (".engine", ".trt", ".plan")
 
 
 @dataclass(frozen=True)
@@ -71,16 +69,17 @@ class InferConfig:
     """Settings of the inference stage (the ``model`` section of a config).
 
     Attributes:
-        backend: which runtime; ``auto`` follows the model file's suffix.
-        model: a ``.pth`` checkpoint (official trainer layout), an ``.onnx`` deploy export or a
-            TensorRT ``.engine``; ``None`` runs untrained random weights (demo only).
-        size: D-FINE size of a checkpoint or of the untrained model ("n" ... "x").
-        num_classes: classes of a checkpoint or of the untrained model (ONNX files and engines
-            carry their own; it still bounds ``classes``).
-        imgsz: side S of the square model input (must match an ONNX file's or engine's input).
+        backend: which runtime; ``auto`` picks the fastest here (see ``Backend.AUTO``).
+        model: a ``.pth`` checkpoint (official trainer layout, or ours), an ``.onnx`` deploy
+            export or a TensorRT ``.engine``; ``None`` runs untrained random weights (demo only).
+        size: D-FINE size ("n" ... "x"); ``None``: read from the checkpoint ("n" untrained).
+            Given with a checkpoint, it must match the file.
+        num_classes: ``None``: read from the model file (80 untrained). Given, it must match.
+        imgsz: side S of the square model input; ``None``: the size an ``.onnx``/``.engine``
+            is fixed to, else 640. Given, it must match a fixed file.
         device: where the model runs (ONNX Runtime: picks the CUDA provider when "cuda"/"auto").
-        fp16: torch on CUDA only: FP16 autocast (norms stay FP32). TensorRT engines carry their
-            precision from the build.
+        fp16: torch on CUDA only: FP16 autocast (norms stay FP32); ``backend: auto`` turns it on
+            for a checkpoint on CUDA. TensorRT engines carry their precision from the build.
         cuda_graphs: torch on CUDA only: replay captured CUDA graphs.
         score_threshold: detections scoring below it are dropped, in [0, 1].
         classes: keep only these class indices (0-based labels); ``None`` keeps all.
@@ -93,9 +92,9 @@ class InferConfig:
 
     backend: Backend = Backend.AUTO
     model: Path | None = None
-    size: str = "n"
-    num_classes: int = 80
-    imgsz: int = 640
+    size: str | None = None
+    num_classes: int | None = None
+    imgsz: int | None = None
     device: Device = Device.AUTO
     fp16: bool = False
     cuda_graphs: bool = False
@@ -121,20 +120,22 @@ class InferConfig:
         if self.classes is not None and not isinstance(self.classes, tuple):
             object.__setattr__(self, "classes", tuple(self.classes))
 
-        if self.size not in SIZES:
+        if self.size is not None and self.size not in SIZES:
             raise ValueError(f"model.size must be one of {', '.join(SIZES)}, got {self.size!r}")
-        if self.num_classes < 1:
+        if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {self.num_classes}")
-        if not 32 <= self.imgsz <= 4096 or self.imgsz % 32:
+        if self.imgsz is not None and (not 32 <= self.imgsz <= 4096 or self.imgsz % 32):
             raise ValueError(f"model.imgsz must be a multiple of 32 in [32, 4096], got {self.imgsz}")
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"model.score_threshold must be in [0, 1], got {self.score_threshold}")
         if self.classes is not None:
-            bad = [c for c in self.classes if not 0 <= c < self.num_classes]
+            bound = self.num_classes if self.num_classes is not None else None
+            bad = [c for c in self.classes if c < 0 or (bound is not None and c >= bound)]
             if bad or not self.classes:
+                limit = f"[0, {bound - 1}]" if bound is not None else ">= 0"
                 raise ValueError(
-                    f"model.classes must be a non-empty list of class indices in "
-                    f"[0, {self.num_classes - 1}], got {list(self.classes)}"
+                    f"model.classes must be a non-empty list of class indices in {limit}, "
+                    f"got {list(self.classes)}"
                 )
         if self.intra_op_threads is not None and self.intra_op_threads < 1:
             raise ValueError(f"model.intra_op_threads must be >= 1, got {self.intra_op_threads}")
@@ -142,53 +143,159 @@ class InferConfig:
             raise ValueError(f"model.opset must be >= 17 (LayerNormalization), got {self.opset}")
         if (self.fp16 or self.cuda_graphs) and self.device is Device.CPU:
             raise ValueError("model.fp16 and model.cuda_graphs need a CUDA device, not 'cpu'")
-        resolve_backend(self)  # refuses a model file the chosen backend cannot run
+        _check_backend_takes(self.backend, model_kind(self.model))
 
 
-def resolve_backend(config: InferConfig) -> Backend:
-    """The backend ``config`` runs on: ``AUTO`` resolved from the model file's suffix.
+_KINDS_OF = {
+    Backend.TORCH: (ModelKind.UNTRAINED, ModelKind.CHECKPOINT),
+    Backend.ONNXRUNTIME: (ModelKind.UNTRAINED, ModelKind.CHECKPOINT, ModelKind.ONNX),
+    Backend.TENSORRT: (ModelKind.ENGINE,),
+}
+_KIND_WORDS = {
+    ModelKind.UNTRAINED: "no model (untrained weights)",
+    ModelKind.CHECKPOINT: "a checkpoint",
+    ModelKind.ONNX: "an ONNX file",
+    ModelKind.ENGINE: "a TensorRT engine",
+}
+
+
+def _check_backend_takes(backend: Backend, kind: ModelKind) -> None:
+    if backend is Backend.AUTO or kind in _KINDS_OF[backend]:
+        return
+    hint = {
+        Backend.TORCH: "the torch backend needs a .pth checkpoint; use backend onnxruntime "
+        "for .onnx or tensorrt for .engine",
+        Backend.ONNXRUNTIME: "ONNX Runtime takes an .onnx file or a .pth checkpoint",
+        Backend.TENSORRT: "TensorRT needs an engine: build one with `finestream export "
+        "CHECKPOINT --tensorrt` (or the trtexec command it prints)",
+    }[backend]
+    raise ValueError(f"backend {backend.value} cannot run {_KIND_WORDS[kind]}: {hint}")
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Which backend runs a model here, and why (the CLI's start-up line).
+
+    Attributes:
+        backend: never ``AUTO``.
+        fp16: torch FP16 autocast.
+        reason: a short phrase, e.g. "a checkpoint on a CPU runs fastest in ONNX Runtime".
+    """
+
+    backend: Backend
+    fp16: bool
+    reason: str
+
+    def describe(self) -> str:
+        fp16 = " FP16" if self.fp16 and self.backend is Backend.TORCH else ""
+        return f"backend {self.backend.value}{fp16} ({self.reason})"
+
+
+def choose_backend(
+    config: InferConfig, kind: ModelKind, *, cuda_available: bool | None = None
+) -> BackendChoice:
+    """The backend ``config.backend`` means for a model of ``kind`` on this machine.
+
+    ``AUTO``: an ``.onnx`` runs in ONNX Runtime and an engine in TensorRT; a checkpoint (or
+    no model) runs in torch with FP16 autocast on a CUDA GPU, and on a CPU through ONNX Runtime
+    on an export made once and cached (about twice torch's speed on a CPU, bench/RESULTS.md).
 
     Raises:
-        ValueError: the backend cannot run that kind of file (the message says what can).
+        ValueError: the backend cannot run that kind of file, or ``cuda`` without a GPU.
     """
-    path = config.model
-    suffix = path.suffix.lower() if path is not None else None
-    if suffix is None:
-        kind = "no model (untrained weights)"
-        auto = Backend.TORCH
-    elif suffix in _CHECKPOINT_SUFFIXES:
-        kind, auto = "a checkpoint", Backend.TORCH
-    elif suffix == ".onnx":
-        kind, auto = "an ONNX file", Backend.ONNXRUNTIME
-    elif suffix in _ENGINE_SUFFIXES:
-        kind, auto = "a TensorRT engine", Backend.TENSORRT
-    else:
-        raise ValueError(
-            f"model.model {str(path)!r}: unknown file type {suffix!r}; give a .pth checkpoint, "
-            "an .onnx export or a TensorRT .engine"
+    _check_backend_takes(config.backend, kind)
+    if config.backend is not Backend.AUTO:
+        return BackendChoice(config.backend, config.fp16, "as asked")
+    if kind is ModelKind.ONNX:
+        return BackendChoice(Backend.ONNXRUNTIME, False, "auto: an .onnx file runs in ONNX Runtime")
+    if kind is ModelKind.ENGINE:
+        return BackendChoice(Backend.TENSORRT, False, "auto: an engine runs in TensorRT")
+    what = "a checkpoint" if kind is ModelKind.CHECKPOINT else "the untrained model"
+    if resolve_device(config.device, cuda_available=cuda_available).type == "cuda":
+        return BackendChoice(
+            Backend.TORCH, True, f"auto: {what} on a CUDA GPU runs fastest in torch with FP16 autocast"
         )
-    backend = auto if config.backend is Backend.AUTO else config.backend
-    allowed = {
-        Backend.TORCH: (None, *_CHECKPOINT_SUFFIXES),
-        Backend.ONNXRUNTIME: (None, *_CHECKPOINT_SUFFIXES, ".onnx"),
-        Backend.TENSORRT: _ENGINE_SUFFIXES,
-    }[backend]
-    if suffix not in allowed:
-        hint = {
-            Backend.TORCH: "the torch backend needs a .pth checkpoint; use backend onnxruntime "
-            "for .onnx or tensorrt for .engine",
-            Backend.ONNXRUNTIME: "ONNX Runtime takes an .onnx file or a .pth checkpoint",
-            Backend.TENSORRT: "TensorRT needs an engine: build one with `finestream export "
-            "CHECKPOINT --size S --tensorrt` (or the trtexec command it prints)",
-        }[backend]
-        raise ValueError(f"backend {backend.value} cannot run {kind}: {hint}")
-    return backend
+    return BackendChoice(
+        Backend.ONNXRUNTIME,
+        False,
+        f"auto: {what} on a CPU runs about 2x faster in ONNX Runtime than in torch; exported "
+        "once and cached; --backend torch forces torch",
+    )
 
 
-def _torch_device(device: Device) -> str:
-    if device is Device.AUTO:
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return str(device.value)
+def resolve_backend(config: InferConfig, *, cuda_available: bool | None = None) -> Backend:
+    """The backend ``config`` runs on here (:func:`choose_backend`, the kind from the suffix)."""
+    return choose_backend(config, model_kind(config.model), cuda_available=cuda_available).backend
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    """What the check phase learnt: the config with every ``None`` and ``auto`` settled, the
+    model file's facts and the backend choice. ``make_backend(prepared.config, prepared.info)``
+    loads it."""
+
+    config: InferConfig
+    info: ModelInfo
+    choice: BackendChoice
+
+
+def prepare_model(config: InferConfig, *, cuda_available: bool | None = None) -> PreparedModel:
+    """Check the model file against ``config`` and settle what ``config`` leaves open, without
+    building or loading the network (the check phase, in the main thread).
+
+    Raises:
+        dfine.CheckpointError: the file is missing, unreadable, truncated, not a D-FINE model,
+            or of another size or class count than ``config`` asks.
+        ValueError: the backend cannot run it, ``imgsz`` does not match the file, ``classes``
+            names a class the model lacks, ``cuda`` without a GPU.
+    """
+    from dfine.checkpoint import CheckpointError
+
+    info = read_model_info(config.model, size=config.size or "n", num_classes=config.num_classes or 80)
+    choice = choose_backend(config, info.kind, cuda_available=cuda_available)
+    name = info.path.name if info.path is not None else "the model"
+    if config.size is not None and info.size is not None and info.size != config.size:
+        raise CheckpointError(
+            f"{name} is D-FINE-{info.size.upper()} with {info.num_classes} classes, but model.size "
+            f"is {config.size!r}; drop --size (the file says it) or give a D-FINE-{config.size.upper()} file"
+        )
+    if config.num_classes is not None and info.kind is not ModelKind.UNTRAINED and (
+        info.num_classes != config.num_classes
+    ):
+        raise CheckpointError(
+            f"{name} has {info.num_classes} classes, but model.num_classes is {config.num_classes}; "
+            "drop num_classes (the file says it) or give the model it means"
+        )
+    if info.input_size_hw is not None:
+        h, w = info.input_size_hw
+        if h != w:
+            raise ValueError(f"{name} takes {h}x{w} images; only square inputs are supported")
+        if config.imgsz is not None and config.imgsz != h:
+            raise ValueError(
+                f"{name} takes {h}x{w} images but model.imgsz is {config.imgsz}; drop --imgsz "
+                "(the size is read from the file)"
+            )
+        imgsz = h
+    else:
+        imgsz = config.imgsz or 640
+    if config.classes is not None and max(config.classes) >= info.num_classes:
+        raise ValueError(
+            f"model.classes {list(config.classes)} names a class {name} lacks "
+            f"(it has {info.num_classes}: 0..{info.num_classes - 1})"
+        )
+    if choice.backend is Backend.TORCH:
+        resolve_device(config.device, cuda_available=cuda_available)  # cuda without a GPU
+    if choice.backend is Backend.TENSORRT and config.device is Device.CPU:
+        raise ValueError("backend tensorrt runs on a CUDA GPU; model.device cannot be 'cpu'")
+    settled = dataclasses.replace(
+        config,
+        backend=choice.backend,
+        size=info.size or config.size or "n",
+        num_classes=info.num_classes,
+        imgsz=imgsz,
+        fp16=choice.fp16,
+    )
+    return PreparedModel(settled, info, choice)
 
 
 def _ort_providers(device: Device) -> list[str] | None:
@@ -201,7 +308,7 @@ def _ort_providers(device: Device) -> list[str] | None:
 
 def untrained_model(size: str, num_classes: int) -> torch.nn.Module:
     """D-FINE with random weights (seed ``RANDOM_SEED``), in eval mode; logs a loud warning."""
-    import dfine
+    from dfine.checkpoint import build_and_load
 
     logger.warning(
         "NO MODEL GIVEN: running D-FINE-%s with UNTRAINED random weights (seed %d); its boxes and "
@@ -211,11 +318,7 @@ def untrained_model(size: str, num_classes: int) -> torch.nn.Module:
         RANDOM_SEED,
         OFFICIAL_CHECKPOINTS.format(size=size),
     )
-    # fork_rng: seeding here must not change the caller's random stream.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(RANDOM_SEED)
-        model = dfine.build_model(size, num_classes=num_classes)
-    return model.eval()
+    return build_and_load(size, num_classes, None, seed=RANDOM_SEED)
 
 
 def _file_digest(path: Path) -> str:
@@ -226,22 +329,24 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def cached_onnx_export(config: InferConfig) -> Path:
+def cached_onnx_export(config: InferConfig, class_names: Sequence[str] | None = None) -> Path:
     """The ONNX export of ``config.model`` (a checkpoint, or ``None`` for untrained weights),
     made once and kept under ``config.onnx_cache_dir`` keyed by the checkpoint's content hash,
-    size, class count, input size and opset.
+    size, class count, input size and opset. ``config`` must be settled (``prepare_model``).
 
     Raises:
         dfine.CheckpointError: the checkpoint is not one for ``size``/``num_classes``.
     """
     import dfine
+    from dfine.checkpoint import build_and_load
     from dfine.export import export_onnx
 
+    assert config.size is not None and config.num_classes is not None and config.imgsz is not None
     cache_dir = (config.onnx_cache_dir or DEFAULT_ONNX_CACHE).expanduser()
     source = "random" if config.model is None else _file_digest(config.model)
     key_text = "|".join(
         [_EXPORT_VERSION, source, config.size, str(config.num_classes), str(config.imgsz),
-         str(config.opset)]
+         str(config.opset), *(class_names or ())]
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     stem = "untrained" if config.model is None else config.model.stem
@@ -253,19 +358,19 @@ def cached_onnx_export(config: InferConfig) -> Path:
     if config.model is None:
         model = untrained_model(config.size, config.num_classes)
     else:
-        model = dfine.build_model(config.size, num_classes=config.num_classes)
-        dfine.load_checkpoint(model, config.model)
+        model = build_and_load(config.size, config.num_classes, config.model)
     cache_dir.mkdir(parents=True, exist_ok=True)
     # Export beside the final name and rename: a crash never leaves a half-written cache entry,
     # and two processes exporting at once each write their own file.
     partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.onnx")
     try:
         export_onnx(
-            model.eval(),
+            model,
             dfine.PostProcessor(num_classes=config.num_classes),
             partial,
             imgsz=config.imgsz,
             opset=config.opset,
+            class_names=class_names,
         )
         partial.replace(path)
     finally:
@@ -274,34 +379,44 @@ def cached_onnx_export(config: InferConfig) -> Path:
     return path
 
 
-def make_backend(config: InferConfig) -> DetectorBackend:
-    """The backend ``config`` asks for, loaded and ready (see :func:`resolve_backend`).
+def make_backend(config: InferConfig, info: ModelInfo | None = None) -> DetectorBackend:
+    """The backend ``config`` asks for, loaded and ready; its class names are ``info``'s.
+
+    Args:
+        config: the inference settings; settled by :func:`prepare_model` here when ``info`` is
+            not given.
+        info: the model file's facts from the check phase (``PreparedModel.info``).
 
     Raises:
         dfine.CheckpointError: the model file is missing, unreadable or of another size/classes.
         ValueError: the backend cannot run that file, or the device is unavailable.
         TensorRTUnavailableError: TensorRT asked for but not installed.
     """
-    backend = resolve_backend(config)
+    if info is None:
+        prepared = prepare_model(config)
+        config, info = prepared.config, prepared.info
+    backend = choose_backend(config, info.kind).backend
+    assert config.size is not None and config.num_classes is not None and config.imgsz is not None
     imgsz_hw = (config.imgsz, config.imgsz)
+    names = list(info.class_names)
     if backend is Backend.TORCH:
-        from dfine.backends.torch_backend import TorchBackend
-
         import dfine
+        from dfine.backends.torch_backend import TorchBackend
+        from dfine.checkpoint import build_and_load
 
         if config.model is None:
             model = untrained_model(config.size, config.num_classes)
         else:
-            model = dfine.build_model(config.size, num_classes=config.num_classes)
-            dfine.load_checkpoint(model, config.model)
+            model = build_and_load(config.size, config.num_classes, config.model)
             model.deploy()  # drop the decoder layers the output never reads
         return TorchBackend(
             model,
             dfine.PostProcessor(num_classes=config.num_classes),
             input_size_hw=imgsz_hw,
-            device=_torch_device(config.device),
+            device=resolve_device(config.device),
             fp16=config.fp16,
             cuda_graphs=config.cuda_graphs,
+            class_names=names,
             intra_op_threads=config.intra_op_threads,
         )
 
@@ -309,20 +424,23 @@ def make_backend(config: InferConfig) -> DetectorBackend:
         from dfine.backends.onnx_backend import OnnxRuntimeBackend
 
         path = config.model
-        if path is None or path.suffix.lower() in _CHECKPOINT_SUFFIXES:
-            path = cached_onnx_export(config)
+        if info.kind is not ModelKind.ONNX:
+            path = cached_onnx_export(config, names)
+        assert path is not None
         return OnnxRuntimeBackend(
             path,
             providers=_ort_providers(config.device),
             intra_op_threads=config.intra_op_threads,
+            class_names=names,
+            input_size_hw=imgsz_hw if info.input_size_hw is None else None,
         )
 
     from dfine.backends.tensorrt_backend import TensorRTBackend
 
     if config.device is Device.CPU:
         raise ValueError("backend tensorrt runs on a CUDA GPU; model.device cannot be 'cpu'")
-    assert config.model is not None  # resolve_backend refuses TensorRT without an engine
-    return TensorRTBackend(config.model)
+    assert config.model is not None  # TensorRT takes engines only
+    return TensorRTBackend(config.model, class_names=names)
 
 
 class InferenceStage(StageBase[FramePacket]):
@@ -354,7 +472,7 @@ class InferenceStage(StageBase[FramePacket]):
     def setup(self) -> None:
         backend = self._factory()
         expected = (self.config.imgsz, self.config.imgsz)
-        if tuple(backend.input_size_hw) != expected:
+        if self.config.imgsz is not None and tuple(backend.input_size_hw) != expected:
             h, w = backend.input_size_hw
             raise ValueError(
                 f"the model takes {h}x{w} images but model.imgsz is {self.config.imgsz}; "

@@ -69,6 +69,10 @@ _READ_TIMEOUTS_PER_STALL = 2.0
 _MIN_PROBESIZE = 32
 
 
+#: URL schemes a live source takes: FFmpeg's network protocols that carry a video stream.
+LIVE_SCHEMES = ("rtsp", "rtsps", "rtmp", "rtmps", "http", "https", "udp", "rtp", "srt", "tcp")
+
+
 class LiveSourceError(VideoSourceError):
     """A live source cannot deliver: unreachable with ``reconnect: never``, or out of retries."""
 
@@ -134,6 +138,12 @@ class LiveSourceConfig:
     def __post_init__(self) -> None:
         if not self.url:
             raise ValueError("url must name a stream (rtsp://, http://, ...), got an empty string")
+        scheme = self.url.partition("://")[0].lower()
+        if scheme not in LIVE_SCHEMES:
+            raise ValueError(
+                f"live source {redact_url(self.url)!r}: unknown URL scheme {scheme!r}; give a URL "
+                f"starting with {', '.join(s + '://' for s in LIVE_SCHEMES)} (or a file path)"
+            )
         if not self.stream_id:
             raise ValueError("stream_id must not be empty")
         if not isinstance(self.rtsp_transport, RtspTransport):
@@ -177,6 +187,8 @@ class LiveSourceStats:
         connected: frames are flowing now.
         width: size of the latest frame (0 before the first).
         height: see ``width``.
+        reconnects: connections after the first (each ended an outage).
+        bytes_received: bytes of the stream's packets read so far.
     """
 
     frames: int
@@ -187,6 +199,8 @@ class LiveSourceStats:
     connected: bool
     width: int
     height: int
+    reconnects: int = 0
+    bytes_received: int = 0
 
 
 class _Loss(Exception):
@@ -228,6 +242,7 @@ class LiveSource(StageBase[FramePacket]):
         self._outages = 0
         self._failed_attempts = 0
         self._decode_errors = 0
+        self._bytes_received = 0
         self._connected = False
         self._width = 0
         self._height = 0
@@ -257,6 +272,8 @@ class LiveSource(StageBase[FramePacket]):
                 connected=self._connected,
                 width=self._width,
                 height=self._height,
+                reconnects=max(0, self._connections - 1),
+                bytes_received=self._bytes_received,
             )
 
     # --- the stage ---------------------------------------------------------------------------
@@ -415,6 +432,7 @@ class LiveSource(StageBase[FramePacket]):
                 raise _Loss(f"no data for {self._read_timeout_s:g} s (read timeout)") from None
             except (av.FFmpegError, OSError) as exc:
                 raise _Loss(f"read error: {_describe(exc)}") from None
+            self._bytes_received += av_packet.size  # one int written by this thread only
             try:
                 frames = av_packet.decode()
             except av.FFmpegError as exc:

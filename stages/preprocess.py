@@ -35,7 +35,6 @@ only read.
 
 from __future__ import annotations
 
-import enum
 import logging
 from dataclasses import dataclass
 
@@ -43,16 +42,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from dfine.backends.device import Device, resolve_device
 from pipeline.stage import StageBase
 from stages.frame import FramePacket
 
 logger = logging.getLogger(__name__)
 
 
-class PreprocessDevice(str, enum.Enum):
-    AUTO = "auto"  # CUDA when torch sees a GPU, else CPU
-    CPU = "cpu"
-    CUDA = "cuda"
+#: The app's one device enum (``dfine.backends.device``), under the name older callers use.
+PreprocessDevice = Device
 
 
 @dataclass(frozen=True)
@@ -65,7 +63,7 @@ class PreprocessConfig:
     """
 
     input_size: int = 640
-    device: PreprocessDevice = PreprocessDevice.AUTO
+    device: Device = Device.AUTO
 
     def __post_init__(self) -> None:
         if not 32 <= self.input_size <= 4096 or self.input_size % 32 != 0:
@@ -73,21 +71,12 @@ class PreprocessConfig:
                 f"preprocess.input_size must be a multiple of 32 in [32, 4096], got {self.input_size}"
             )
         try:
-            object.__setattr__(self, "device", PreprocessDevice(self.device))
+            object.__setattr__(self, "device", Device(self.device))
         except ValueError:
-            choices = ", ".join(d.value for d in PreprocessDevice)
+            choices = ", ".join(d.value for d in Device)
             raise ValueError(
                 f"preprocess.device must be one of {choices}, got {self.device!r}"
             ) from None
-
-
-def resolve_device(device: PreprocessDevice) -> torch.device:
-    """The torch device for a configured one; ``CUDA`` without a GPU is an error, not a fallback."""
-    if device is PreprocessDevice.AUTO:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device is PreprocessDevice.CUDA and not torch.cuda.is_available():
-        raise ValueError("preprocess.device is 'cuda' but torch sees no GPU; use 'auto' or 'cpu'")
-    return torch.device(device.value)
 
 
 def image_to_model_input(

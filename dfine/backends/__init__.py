@@ -14,7 +14,11 @@ from __future__ import annotations
 from dfine.backends.base import DetectorBackend
 from dfine.backends.class_names import resolve_class_names
 from dfine.backends.onnx_backend import OnnxRuntimeBackend
-from dfine.backends.tensorrt_backend import TensorRTBackend, TensorRTUnavailableError, tensorrt_available
+from dfine.backends.tensorrt_backend import (
+    TensorRTBackend,
+    TensorRTUnavailableError,
+    tensorrt_available,
+)
 from dfine.backends.tensorrt_build import EngineBuildError, build_engine, trtexec_command
 from dfine.backends.torch_backend import TorchBackend
 

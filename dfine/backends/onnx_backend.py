@@ -9,7 +9,6 @@ with the CUDA execution provider (which copies them over itself).
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,9 +57,9 @@ class OnnxRuntimeBackend:
             :func:`default_providers`.
         intra_op_threads: threads for one operator (the session's own pool, not global);
             ``None`` lets ONNX Runtime decide (one per core).
-        class_names: names per label; ``None`` reads them from the file's metadata
-            (``class_names``, JSON list), else COCO when the model has 80 classes, else
-            ``class_<i>``.
+        class_names: names per label; ``None`` takes them from
+            :func:`dfine.model_info.read_model_info` (the file's ``class_names`` metadata, else
+            COCO when the model has 80 classes, else ``class_<i>``).
         input_size_hw: needed only when the graph leaves H and W dynamic.
 
     Raises:
@@ -117,38 +116,14 @@ class OnnxRuntimeBackend:
         )
         self.device = torch.device("cpu")
 
-        meta = self._session.get_modelmeta().custom_metadata_map
-        names_from_file: list[str] | None = None
-        if META_CLASS_NAMES in meta:
-            try:
-                parsed = json.loads(meta[META_CLASS_NAMES])
-            except json.JSONDecodeError as err:
-                raise CheckpointError(
-                    f"{self.path}: metadata 'class_names' is not a JSON list ({err})"
-                ) from err
-            if not isinstance(parsed, list):
-                raise CheckpointError(f"{self.path}: metadata 'class_names' is not a JSON list")
-            names_from_file = [str(n) for n in parsed]
-        if class_names is not None:
-            num_classes = len(class_names)
-        elif names_from_file is not None:
-            num_classes = len(names_from_file)
-        elif META_NUM_CLASSES in meta:
-            num_classes = int(meta[META_NUM_CLASSES])
-        else:
-            found = num_classes_from_graph(self.path)
-            if found is None:
-                logger.warning(
-                    "%s: cannot tell the class count from the graph; assuming 80 (COCO). "
-                    "Pass class_names to override.",
-                    self.path,
-                )
-                found = 80
-            num_classes = found
+        if class_names is None:
+            # One place reads class names from a model file (dfine.model_info).
+            from dfine.model_info import read_model_info
+
+            class_names = read_model_info(self.path).class_names
+        num_classes = len(class_names)
         self.num_classes = num_classes
-        self.class_names: list[str] = resolve_class_names(
-            num_classes, class_names if class_names is not None else names_from_file
-        )
+        self.class_names: list[str] = resolve_class_names(num_classes, class_names)
         logger.info(
             "ONNX Runtime: %s, input %dx%d, %d classes, providers %s",
             self.path.name,
@@ -248,11 +223,17 @@ def num_classes_from_graph(path: str | Path) -> int | None:
     """
     import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
+    return num_classes_from_model(onnx.load(str(path), load_external_data=False))
+
+
+def num_classes_from_model(model: onnx.ModelProto) -> int | None:
+    """:func:`num_classes_from_graph` on a loaded model."""
+    import onnx
+
     try:
         model = onnx.shape_inference.infer_shapes(model)
     except (onnx.shape_inference.InferenceError, ValueError) as err:
-        logger.debug("%s: shape inference failed (%s)", path, err)
+        logger.debug("shape inference failed (%s)", err)
     return _num_classes(model)
 
 

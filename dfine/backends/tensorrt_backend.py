@@ -14,7 +14,6 @@ compiled package.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -200,23 +199,14 @@ class TensorRTBackend:
                 shape, dtype=_torch_dtype(engine.get_tensor_dtype(name)), device=self.device
             )
 
-        sidecar = _read_sidecar(self.path)
-        listed = sidecar.get("class_names")
-        names_from_file = [str(n) for n in listed] if isinstance(listed, list) else None
-        if class_names is not None:
-            num_classes = len(class_names)
-        elif names_from_file is not None:
-            num_classes = len(names_from_file)
-        else:
-            logger.warning(
-                "%s: no class names given and no sidecar %s; assuming the 80 COCO classes",
-                self.path,
-                sidecar_path(self.path).name,
-            )
-            num_classes = 80
-        self.class_names: list[str] = resolve_class_names(
-            num_classes, class_names if class_names is not None else names_from_file
-        )
+        if class_names is None:
+            # One place reads class names from a model file (dfine.model_info): the sidecar,
+            # else the ONNX the engine was built from.
+            from dfine.model_info import read_model_info
+
+            class_names = read_model_info(self.path).class_names
+        num_classes = len(class_names)
+        self.class_names: list[str] = resolve_class_names(num_classes, class_names)
         logger.info(
             "TensorRT: %s, input %dx%d, batch %d..%d, %d classes",
             self.path.name,
@@ -273,15 +263,3 @@ class TensorRTBackend:
             host["boxes"].numpy().astype(np.float32, copy=False),
             host["scores"].numpy().astype(np.float32, copy=False),
         )
-
-
-def _read_sidecar(engine_path: Path) -> dict[str, object]:
-    path = sidecar_path(engine_path)
-    if not path.is_file():
-        return {}
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        logger.warning("%s: ignored, not JSON (%s)", path, err)
-        return {}
-    return data if isinstance(data, dict) else {}

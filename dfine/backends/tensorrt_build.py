@@ -19,7 +19,7 @@ import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dfine.backends.onnx_backend import INPUT_NAMES, META_CLASS_NAMES, num_classes_from_graph
+from dfine.backends.onnx_backend import INPUT_NAMES
 from dfine.backends.tensorrt_backend import (
     dims_list,
     require_tensorrt,
@@ -301,19 +301,8 @@ def build_engine(
     return engine_path
 
 
-def _class_names_of(onnx_path: Path) -> list[str] | None:
-    """Class names from our export's metadata, else ``None`` (the backend falls back to COCO
-    for 80 classes or ``class_<i>``; the count is then taken from the graph)."""
-    import onnx
+def _class_names_of(onnx_path: Path) -> list[str]:
+    """Class names as every other part of the app reads them (dfine.model_info)."""
+    from dfine.model_info import read_model_info
 
-    from dfine.backends.class_names import resolve_class_names
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    for prop in model.metadata_props:
-        if prop.key == META_CLASS_NAMES:
-            parsed = json.loads(prop.value)
-            if isinstance(parsed, list):
-                return [str(n) for n in parsed]
-    count = num_classes_from_graph(onnx_path)
-    return resolve_class_names(count) if count is not None else None
-
+    return list(read_model_info(onnx_path).class_names)

@@ -8,7 +8,8 @@ pushed over RTSP/TCP to ``url``, e.g. ``rtsp://127.0.0.1:8554/publish`` on
 
 Size: the stream keeps the first frame's size (rounded down to even numbers, as yuv420p needs).
 A frame of another size, as a camera gives after reconnecting at another resolution, is
-rescaled to it: a viewer's decoder cannot follow a size change mid-stream.
+rescaled to it: a viewer's decoder cannot follow a size change mid-stream. Detections are drawn
+first, on the picture in its own (source) pixels, where the boxes are; then it is rescaled.
 
 Timing: frames are stamped with their ``pts_s`` (1/90000 s clock) from the first published
 frame; a frame whose stamp is not after the previous one is skipped (the muxer would refuse it).
@@ -112,6 +113,7 @@ class RtspPublishStats:
         skipped: frames whose ``pts_s`` was not after the previous one.
         rescaled: frames resized to the stream's size.
         connections: connections made.
+        bytes_sent: bytes of the encoded packets handed to the connection.
     """
 
     published: int
@@ -119,6 +121,7 @@ class RtspPublishStats:
     skipped: int
     rescaled: int
     connections: int
+    bytes_sent: int = 0
 
 
 class RtspPublishSink(StageBase[FramePacket]):
@@ -156,6 +159,7 @@ class RtspPublishSink(StageBase[FramePacket]):
         self._skipped = 0
         self._rescaled = 0
         self._connections = 0
+        self._bytes_sent = 0
 
     def setup(self) -> None:
         if self._annotator is None and self.config.annotate:
@@ -166,7 +170,9 @@ class RtspPublishSink(StageBase[FramePacket]):
             self._stream_id = item.stream_id
         elif item.stream_id != self._stream_id:
             return
-        picture = self._fit(item.image_rgb_u8)
+        if self._size is None:
+            self._size = _even_size(item.image_rgb_u8)
+            logger.info("%s: publishing %dx%d", self.name, *self._size)
         if self._container is None and not self._connect(item.pts_s):
             self._dropped += 1
             return
@@ -175,15 +181,14 @@ class RtspPublishSink(StageBase[FramePacket]):
             self._skipped += 1
             logger.debug("%s: frame %d skipped: pts_s not increasing", self.name, item.index)
             return
-        if self.config.annotate and self._annotator is not None and item.detections is not None:
-            picture = self._annotator.annotate(picture, item.detections, self.class_names)
-        frame = rgb_to_yuv420p(picture)
+        frame = rgb_to_yuv420p(self.picture(item))
         frame.pts = pts
         frame.time_base = _TIME_BASE
         try:
             assert self._container is not None
             for packet in self._video.encode(frame):
                 self._container.mux(packet)
+                self._bytes_sent += packet.size
         except (av.FFmpegError, OSError) as exc:
             self._dropped += 1
             self._lost(f"sending failed: {_describe(exc)}")
@@ -214,17 +219,27 @@ class RtspPublishSink(StageBase[FramePacket]):
             skipped=self._skipped,
             rescaled=self._rescaled,
             connections=self._connections,
+            bytes_sent=self._bytes_sent,
         )
 
     # --- internals -----------------------------------------------------------------------------
 
-    def _fit(self, picture: np.ndarray) -> np.ndarray:
-        """``picture`` at the stream's size: the first picture fixes it; others are resized."""
-        height, width = picture.shape[:2]
+    def picture(self, item: FramePacket) -> np.ndarray:
+        """What is published for ``item``: uint8 ``(h, w, 3)`` RGB at the stream's size, the
+        detections drawn in the packet's own (source) pixels, then rescaled. The first
+        picture fixes the stream's size."""
+        picture = item.image_rgb_u8
         if self._size is None:
-            # yuv420p needs even sizes; dropping at most one row/column is invisible.
-            self._size = (max(2, width - width % 2), max(2, height - height % 2))
-            logger.info("%s: publishing %dx%d", self.name, *self._size)
+            self._size = _even_size(picture)
+        if self.config.annotate and self._annotator is not None and item.detections is not None:
+            # annotate() draws on a copy: the packet's picture is shared with the other sinks.
+            picture = self._annotator.annotate(picture, item.detections, self.class_names)
+        return self._fit(picture)
+
+    def _fit(self, picture: np.ndarray) -> np.ndarray:
+        """``picture`` at the stream's size (fixed by the first picture); others are resized."""
+        height, width = picture.shape[:2]
+        assert self._size is not None
         if (width, height) == self._size:
             return picture
         if (width, height) != self._rescaled_from:
@@ -310,6 +325,13 @@ class RtspPublishSink(StageBase[FramePacket]):
             container.close()
         except (av.FFmpegError, OSError) as exc:  # the server may be gone already
             logger.debug("%s: closing the connection failed: %s", self.name, exc)
+
+
+def _even_size(picture: np.ndarray) -> tuple[int, int]:
+    """(width, height) rounded down to even numbers: yuv420p needs them, and dropping at most
+    one row or column is invisible."""
+    height, width = picture.shape[:2]
+    return (max(2, width - width % 2), max(2, height - height % 2))
 
 
 def _describe(exc: BaseException) -> str:
