@@ -54,7 +54,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
 from pipeline.metrics import (
@@ -104,14 +104,10 @@ class BufferSpec:
     Attributes:
         capacity: the most items it holds (>= 1).
         policy: what the producer does when it is full; ``BLOCK`` loses nothing.
-        on_drop: called with each bare item a leaky policy discards, in the producer's thread
-            (e.g. to release a pooled array). With several sinks, each sink's buffer drops on
-            its own: the item may still be in use by another sink.
     """
 
     capacity: int = 8
     policy: OverflowPolicy = OverflowPolicy.BLOCK
-    on_drop: Callable[[Any], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         capacity = self.capacity
@@ -158,14 +154,7 @@ def _lower_thread_priority(nice: int) -> None:
 
 
 def _make_buffer(spec: BufferSpec, name: str) -> RingBuffer[_Envelope]:
-    on_drop: Callable[[_Envelope], None] | None = None
-    if spec.on_drop is not None:
-        user_on_drop = spec.on_drop
-
-        def on_drop(envelope: _Envelope) -> None:
-            user_on_drop(envelope.item)
-
-    return RingBuffer(spec.capacity, spec.policy, name=name, on_drop=on_drop)
+    return RingBuffer(spec.capacity, spec.policy, name=name)
 
 
 def _check_pairs(kind: str, pairs: Sequence[tuple[Any, BufferSpec]]) -> None:
