@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dfine.checkpoint import CheckpointError, load_checkpoint
 from dfine.classes import COCO_CATEGORY_IDS, COCO_CLASSES
+from dfine.criterion import Criterion
+from dfine.matcher import HungarianMatcher
 from dfine.model import DFINE, SIZES, DFineSize, build_model
 from dfine.postprocess import PostProcessor
 
@@ -19,7 +21,9 @@ __all__ = [
     "DFINE",
     "SIZES",
     "CheckpointError",
+    "Criterion",
     "DFineSize",
+    "HungarianMatcher",
     "PostProcessor",
     "build_model",
     "load_checkpoint",

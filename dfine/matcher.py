@@ -20,7 +20,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from dfine.box_ops import box_cxcywh_to_xyxy, generalized_box_iou_pairwise
 
@@ -123,6 +122,10 @@ class HungarianMatcher:
                 f"HungarianMatcher: {len(targets)} targets for a batch of {logits.shape[0]} images; "
                 "pass one target dict per image"
             )
+        # Imported here: scipy.optimize takes about a second to import, and ``import dfine``
+        # must stay light for inference.
+        from scipy.optimize import linear_sum_assignment
+
         indices: MatchIndices = []
         for b, target in enumerate(targets):
             cost = self.cost_matrix(logits[b], boxes[b], target["labels"], target["boxes"])
