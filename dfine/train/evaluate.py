@@ -5,7 +5,7 @@ returns an :class:`EvalResult` (AP50:95 and AP50, overall and per class, with im
 instance counts) that prints as a table and writes as JSON. :func:`predict_torch` and
 :func:`predict_backend` produce those detections from a torch model (the trainer validates its
 EMA model this way) or from any ``DetectorBackend`` (ONNX Runtime, TensorRT), over samples of
-``dfine.train.data`` resized as for validation.
+``dfine.train.datasets`` resized as for validation.
 
 Labels are 0-based class indices; the ground truth's categories are matched to them by name
 (``class_names[i]`` is label ``i``), so any category ids work.
@@ -258,8 +258,9 @@ def evaluate_predictor(
     batch: int,
     workers: int,
 ) -> EvalResult:
-    """COCO mAP of any predictor on ``samples`` (``dfine.train.data.Sample``), resized to ``imgsz``."""
-    from dfine.train.data import DetectionDataset, make_loader, to_coco_ground_truth
+    """COCO mAP of any predictor on ``samples`` (``dfine.train.datasets.Sample``), resized to ``imgsz``."""
+    from dfine.train.datasets import to_coco_ground_truth
+    from dfine.train.loader import DetectionDataset, make_loader
 
     ground_truth = to_coco_ground_truth(list(samples), list(class_names))
     dataset = DetectionDataset(list(samples), imgsz, augment=False)
