@@ -21,7 +21,16 @@ import dfine
 from dfine.backends.onnx_backend import OnnxRuntimeBackend
 from stages.decode import frame_to_rgb_u8
 from stages.frame import FramePacket
-from stages.infer import Backend, Device, InferConfig, InferenceStage, make_backend, resolve_backend
+from dfine.model_info import ModelKind, model_kind
+from stages.infer import (
+    Backend,
+    Device,
+    InferConfig,
+    InferenceStage,
+    choose_backend,
+    make_backend,
+    resolve_backend,
+)
 from stages.preprocess import image_to_model_input
 
 CALIBRATED = "dfine_n_calibrated"
@@ -133,7 +142,7 @@ def test_stage_refuses_a_missing_input(ort_backend: OnnxRuntimeBackend, frame_rg
 def test_stage_refuses_a_size_mismatch(official_onnx: Path) -> None:
     config = InferConfig(model=official_onnx, imgsz=320)
     stage = InferenceStage(config, lambda: make_backend(config))
-    with pytest.raises(ValueError, match="takes 640x640 images but model.imgsz is 320; set imgsz to 640"):
+    with pytest.raises(ValueError, match="takes 640x640 images but model.imgsz is 320; drop --imgsz"):
         stage.setup()
 
 
@@ -156,7 +165,8 @@ def test_make_backend_picks_by_suffix(official_onnx: Path, checkpoint: Path) -> 
     from dfine.backends.torch_backend import TorchBackend
 
     assert isinstance(make_backend(InferConfig(model=official_onnx, device=Device.CPU)), OnnxRuntimeBackend)
-    assert isinstance(make_backend(InferConfig(model=checkpoint, device=Device.CPU)), TorchBackend)
+    assert isinstance(make_backend(InferConfig(model=checkpoint, backend=Backend.TORCH, device=Device.CPU)),
+                      TorchBackend)
 
 
 def test_untrained_model_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
@@ -164,7 +174,7 @@ def test_untrained_model_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
 
     state = torch.random.get_rng_state()
     with caplog.at_level(logging.WARNING, logger="stages.infer"):
-        backend = make_backend(InferConfig(model=None, device=Device.CPU, imgsz=320))
+        backend = make_backend(InferConfig(model=None, backend=Backend.TORCH, device=Device.CPU, imgsz=320))
     assert isinstance(backend, TorchBackend)
     assert "UNTRAINED" in caplog.text and "github.com/Peterande" in caplog.text
     assert torch.equal(torch.random.get_rng_state(), state)  # the seeding did not leak
@@ -225,7 +235,8 @@ def test_tensorrt_without_tensorrt_says_so(tmp_path: Path) -> None:
         ({"imgsz": 600}, "model.imgsz must be a multiple of 32"),
         ({"score_threshold": 1.5}, r"model.score_threshold must be in \[0, 1\]"),
         ({"score_threshold": -0.1}, r"model.score_threshold must be in \[0, 1\]"),
-        ({"classes": (0, 80)}, r"class indices in \[0, 79\]"),
+        ({"classes": (0, 80), "num_classes": 80}, r"class indices in \[0, 79\]"),
+        ({"classes": (-1,)}, "class indices"),
         ({"classes": ()}, "non-empty"),
         ({"intra_op_threads": 0}, "model.intra_op_threads must be >= 1"),
         ({"opset": 16}, "model.opset must be >= 17"),
@@ -252,9 +263,33 @@ def test_config_normalises_plain_values() -> None:
 
 
 @pytest.mark.parametrize(
-    ("model", "expected"),
-    [(None, Backend.TORCH), ("a.pth", Backend.TORCH), ("a.PT", Backend.TORCH),
-     ("a.onnx", Backend.ONNXRUNTIME), ("a.engine", Backend.TENSORRT), ("a.plan", Backend.TENSORRT)],
+    ("model", "on_cpu", "on_cuda"),
+    [(None, Backend.ONNXRUNTIME, Backend.TORCH), ("a.pth", Backend.ONNXRUNTIME, Backend.TORCH),
+     ("a.PT", Backend.ONNXRUNTIME, Backend.TORCH), ("a.onnx", Backend.ONNXRUNTIME, Backend.ONNXRUNTIME),
+     ("a.engine", Backend.TENSORRT, Backend.TENSORRT), ("a.plan", Backend.TENSORRT, Backend.TENSORRT)],
 )
-def test_auto_backend_follows_the_suffix(model: str | None, expected: Backend) -> None:
-    assert resolve_backend(InferConfig(model=model)) is expected  # type: ignore[arg-type]
+def test_auto_backend_is_the_fastest_here(model: str | None, on_cpu: Backend, on_cuda: Backend) -> None:
+    """auto: a checkpoint runs through ONNX Runtime on a CPU and in torch FP16 on CUDA."""
+    config = InferConfig(model=model)  # type: ignore[arg-type]
+    assert resolve_backend(config, cuda_available=False) is on_cpu
+    assert resolve_backend(config, cuda_available=True) is on_cuda
+    kind = model_kind(config.model)
+    assert choose_backend(config, kind, cuda_available=True).fp16 is (on_cuda is Backend.TORCH)
+    assert not choose_backend(config, kind, cuda_available=False).fp16
+    forced = InferConfig(model=model, backend=Backend.TORCH) if on_cuda is Backend.TORCH else None  # type: ignore[arg-type]
+    if forced is not None:
+        assert resolve_backend(forced, cuda_available=False) is Backend.TORCH
+
+
+def test_cuda_without_a_gpu_is_an_error_everywhere() -> None:
+    from dfine.backends.device import resolve_device
+    from stages.preprocess import PreprocessConfig, Preprocessor
+
+    with pytest.raises(ValueError, match="no GPU"):
+        resolve_device(Device.CUDA, cuda_available=False)
+    with pytest.raises(ValueError, match="no GPU"):
+        choose_backend(InferConfig(model="a.pth", device=Device.CUDA), ModelKind.CHECKPOINT,  # type: ignore[arg-type]
+                       cuda_available=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no GPU"):
+            Preprocessor(PreprocessConfig(device=Device.CUDA)).setup()
