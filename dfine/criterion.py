@@ -55,7 +55,7 @@ from torch import nn
 
 from dfine.box_ops import box_cxcywh_to_xyxy, box_iou_paired, generalized_box_iou_paired
 from dfine.fdr import weighting_function
-from dfine.matcher import HungarianMatcher, MatchIndices
+from dfine.matcher import HungarianMatcher, MatchIndices, at_least_float32
 
 Target = Mapping[str, torch.Tensor]
 Outputs = Mapping[str, Any]
@@ -222,15 +222,17 @@ def _flat_index(indices: MatchIndices, device: torch.device) -> tuple[torch.Tens
 
 def _matched_gt(targets: Sequence[Target], indices: MatchIndices, key: str) -> torch.Tensor:
     """The GT ``key`` (``labels`` or ``boxes``) of every pair, in pair order."""
-    return torch.cat(
-        [t[key][gt.to(t[key].device)] for t, (_, gt) in zip(targets, indices, strict=True)]
+    return at_least_float32(
+        torch.cat(
+            [t[key][gt.to(t[key].device)] for t, (_, gt) in zip(targets, indices, strict=True)]
+        )
     )
 
 
 def _pair_iou(outputs: Outputs, targets: Sequence[Target], indices: MatchIndices) -> torch.Tensor:
     """Detached IoU of each matched prediction with its GT, float ``(k,)``."""
     idx = _flat_index(indices, outputs["pred_boxes"].device)
-    pred = box_cxcywh_to_xyxy(outputs["pred_boxes"][idx].detach())
+    pred = box_cxcywh_to_xyxy(at_least_float32(outputs["pred_boxes"][idx].detach()))
     return box_iou_paired(pred, box_cxcywh_to_xyxy(_matched_gt(targets, indices, "boxes")))
 
 
@@ -289,7 +291,7 @@ class Criterion(nn.Module):
         self, outputs: Outputs, targets: Sequence[Target], sup: Supervision
     ) -> dict[str, torch.Tensor]:
         """Varifocal loss over ``pred_logits`` ``(B, Q, C)``; positives are ``sup.class_indices``."""
-        logits = outputs["pred_logits"]
+        logits = at_least_float32(outputs["pred_logits"])
         b, q = _flat_index(sup.class_indices, logits.device)
         labels = _matched_gt(targets, sup.class_indices, "labels").to(logits.device)
         iou = _pair_iou(outputs, targets, sup.class_indices).to(logits.dtype)
@@ -309,7 +311,7 @@ class Criterion(nn.Module):
         self, outputs: Outputs, targets: Sequence[Target], sup: Supervision
     ) -> dict[str, torch.Tensor]:
         """L1 (cxcywh) and GIoU losses of the ``sup.box_indices`` pairs of ``pred_boxes`` ``(B, Q, 4)``."""
-        boxes = outputs["pred_boxes"]
+        boxes = at_least_float32(outputs["pred_boxes"])
         pred = boxes[_flat_index(sup.box_indices, boxes.device)]
         gt = _matched_gt(targets, sup.box_indices, "boxes").to(boxes.device)
         giou = generalized_box_iou_paired(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))
@@ -324,7 +326,7 @@ class Criterion(nn.Module):
         """Fine-Grained Localization loss on ``pred_corners`` ``(B, Q, 4 * (reg_max + 1))``."""
         if "pred_corners" not in outputs or sup.edge_targets is None:
             return {}
-        corners = outputs["pred_corners"]
+        corners = at_least_float32(outputs["pred_corners"])
         num_bins = corners.shape[-1] // _EDGES
         logp = F.log_softmax(
             corners[_flat_index(sup.box_indices, corners.device)].reshape(-1, num_bins), dim=1
@@ -342,7 +344,8 @@ class Criterion(nn.Module):
         """Decoupled Distillation Focal loss from ``teacher_corners`` to ``pred_corners`` (both ``(B, Q, 4(R+1))``)."""
         if "teacher_corners" not in outputs:
             return {}
-        student, teacher = outputs["pred_corners"], outputs["teacher_corners"].detach()
+        student = at_least_float32(outputs["pred_corners"])
+        teacher = at_least_float32(outputs["teacher_corners"].detach())
         if torch.equal(student, teacher):
             # The last layer is its own teacher: nothing to distil, but keep the term in the graph.
             return {"loss_ddf": student.sum() * 0.0}
@@ -355,7 +358,7 @@ class Criterion(nn.Module):
         ).sum(dim=1) * (t * t)
         # Per query: matched ones by how well this layer localises them, the rest by how sure
         # the teacher is that something is there.
-        weight = outputs["teacher_logits"].detach().sigmoid().amax(dim=-1)
+        weight = at_least_float32(outputs["teacher_logits"].detach()).sigmoid().amax(dim=-1)
         matched = torch.zeros_like(weight, dtype=torch.bool)
         idx = _flat_index(sup.box_indices, weight.device)
         matched[idx] = True
@@ -476,12 +479,12 @@ class Criterion(nn.Module):
         if "pred_corners" not in layer:
             return None
         reg_max = layer["pred_corners"].shape[-1] // _EDGES - 1
-        ref = layer["ref_points"]
+        ref = at_least_float32(layer["ref_points"])
         ref = ref[_flat_index(indices, ref.device)].detach()
         gt = box_cxcywh_to_xyxy(_matched_gt(targets, indices, "boxes").to(ref.device))
-        return edge_targets(
-            ref, gt, outputs["up"].to(ref.device), outputs["reg_scale"].to(ref.device), reg_max
-        )
+        up = at_least_float32(outputs["up"]).to(ref.device)
+        reg_scale = at_least_float32(outputs["reg_scale"]).to(ref.device)
+        return edge_targets(ref, gt, up, reg_scale, reg_max)
 
     @staticmethod
     def _ddf_balance(outputs: Outputs, go: MatchIndices) -> tuple[float, float]:
@@ -541,8 +544,23 @@ class Criterion(nn.Module):
                     f"Criterion: targets[{b}]['boxes'] must be float ({len(labels)}, 4) normalised "
                     f"cxcywh, got {boxes.dtype} {tuple(boxes.shape)}"
                 )
+        # One host sync for the whole batch; the loop that names the image runs only on error.
+        all_labels = torch.cat([t["labels"].reshape(-1) for t in targets])
+        all_boxes = torch.cat([t["boxes"] for t in targets])
+        labels_ok = ((all_labels >= 0) & (all_labels < classes)).all()
+        boxes_ok = torch.isfinite(all_boxes).all() & (all_boxes[:, 2:] > 0).all()
+        if bool(labels_ok & boxes_ok):
+            return
+        for b, target in enumerate(targets):
+            labels, boxes = target["labels"], target["boxes"]
             if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= classes):
                 raise LossInputError(
                     f"Criterion: targets[{b}]['labels'] has ids outside [0, {classes}): "
-                    f"{labels.min().item()}..{labels.max().item()}; remap class ids to 0..{classes - 1}"
+                    f"{labels.min().item()}..{labels.max().item()}; "
+                    f"remap class ids to 0..{classes - 1}"
+                )
+            if not bool(torch.isfinite(boxes).all() & (boxes[:, 2:] > 0).all()):
+                raise LossInputError(
+                    f"Criterion: targets[{b}]['boxes'] has a box without a positive finite width "
+                    "and height; drop degenerate boxes when loading the data"
                 )

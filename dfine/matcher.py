@@ -30,6 +30,15 @@ MatchIndices = list[tuple[torch.Tensor, torch.Tensor]]
 _LOG_EPS = 1e-8
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is a 16-bit float (AMP outputs), else ``x`` itself (no copy).
+
+    Costs and losses are computed in float32 or better: in float16, ``-log(p)`` and the
+    softmax over 33 bins overflow or lose the small differences the losses are made of.
+    """
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class HungarianMatcher:
     """Assigns each ground-truth box to one prediction by minimum total cost.
 
@@ -126,10 +135,23 @@ class HungarianMatcher:
         # must stay light for inference.
         from scipy.optimize import linear_sum_assignment
 
+        costs = [
+            self.cost_matrix(
+                at_least_float32(logits[b]),
+                at_least_float32(boxes[b]),
+                t["labels"],
+                at_least_float32(t["boxes"]),
+            )
+            for b, t in enumerate(targets)
+        ]
+        # One device-to-host copy for the whole batch instead of one per image.
+        flat = torch.cat([c.reshape(-1) for c in costs]).cpu().numpy()
         indices: MatchIndices = []
-        for b, target in enumerate(targets):
-            cost = self.cost_matrix(logits[b], boxes[b], target["labels"], target["boxes"])
-            pred_idx, gt_idx = linear_sum_assignment(cost.cpu().numpy())
+        start = 0
+        for cost in costs:
+            size = cost.numel()
+            pred_idx, gt_idx = linear_sum_assignment(flat[start : start + size].reshape(cost.shape))
+            start += size
             indices.append(
                 (
                     torch.as_tensor(pred_idx, dtype=torch.int64),

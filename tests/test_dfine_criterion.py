@@ -203,6 +203,32 @@ def test_images_without_boxes_give_finite_losses_and_gradients(
         assert matching.num_boxes == matching.num_boxes_go == 1.0
 
 
+def _cast(value, dtype: torch.dtype):
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    if isinstance(value, dict):
+        return {k: _cast(v, dtype) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_cast(v, dtype) for v in value]
+    return value
+
+
+def test_half_precision_outputs_are_scored_in_float32(fixtures_dir: Path) -> None:
+    # AMP hands the loss bfloat16/float16 outputs; the criterion must compute in float32, so
+    # it gives exactly the losses of the same (rounded) values given as float32.
+    data = _load(fixtures_dir, "train_io.pt")
+    half = _cast(data["outputs"], torch.bfloat16)
+    criterion = Criterion()
+    from_half = criterion(half, data["targets"])
+    from_float = criterion(_cast(half, torch.float32), data["targets"])
+    assert list(from_half) == data["loss_keys"]
+    assert all(v.dtype == torch.float32 for v in from_half.values())
+    assert all(torch.equal(from_half[k], from_float[k]) for k in from_float)
+    # bfloat16 keeps ~3 significant digits of the official outputs; the losses stay close.
+    errors = _relative_errors(from_half, {k: v for k, v in data["loss_dict_float"].items() if v})
+    assert max(errors.values()) < 0.1
+
+
 # ---------------------------------------------------------------------------- the matcher
 
 
@@ -309,6 +335,11 @@ def test_bad_targets_are_refused_with_one_line(fixtures_dir: Path) -> None:
     with pytest.raises(LossInputError, match=r"targets\[1\]\['labels'\].*0\.\.79") as info:
         Criterion()(data["outputs"], bad_label)
     assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+    flat_box = [dict(t) for t in data["targets"]]
+    flat_box[0]["boxes"] = flat_box[0]["boxes"].clone()
+    flat_box[0]["boxes"][2, 3] = 0.0
+    with pytest.raises(LossInputError, match=r"targets\[0\]\['boxes'\].*positive"):
+        Criterion()(data["outputs"], flat_box)
     with pytest.raises(LossInputError, match=r"num_classes=80"):
         Criterion(num_classes=3)(data["outputs"], data["targets"])
     with pytest.raises(LossInputError, match="one target dict per image"):
