@@ -171,13 +171,16 @@ def to_coco_results(
         image_ids: ``B`` ids.
         labels: int ``(B, K)`` class indices; boxes_xyxy: float ``(B, K, 4)`` pixels;
             scores: float ``(B, K)``.
-        category_ids: category id of each label.
+        category_ids: category id of each label; a negative id drops that label's detections.
     """
     out: list[dict[str, Any]] = []
     for b, image_id in enumerate(image_ids):
         for label, box, score in zip(labels[b].tolist(), boxes_xyxy[b].tolist(), scores[b].tolist()):
+            category = category_ids[int(label)]
+            if category < 0:  # a class the ground truth does not have
+                continue
             x1, y1, x2, y2 = box
-            out.append({"image_id": int(image_id), "category_id": int(category_ids[int(label)]),
+            out.append({"image_id": int(image_id), "category_id": int(category),
                         "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
     return out
 
@@ -257,13 +260,20 @@ def evaluate_predictor(
     imgsz: int,
     batch: int,
     workers: int,
+    label_names: Sequence[str] | None = None,
 ) -> EvalResult:
-    """COCO mAP of any predictor on ``samples`` (``dfine.train.datasets.Sample``), resized to ``imgsz``."""
+    """COCO mAP of any predictor on ``samples`` (``dfine.train.datasets.Sample``), resized to ``imgsz``.
+
+    ``label_names`` names the predictor's labels when they differ from ``class_names`` (the
+    dataset's): detections are matched to the ground truth by name, other classes dropped.
+    """
     from dfine.train.datasets import to_coco_ground_truth
     from dfine.train.loader import DetectionDataset, make_loader
 
     ground_truth = to_coco_ground_truth(list(samples), list(class_names))
     dataset = DetectionDataset(list(samples), imgsz, augment=False)
     loader = make_loader(dataset, batch, workers, seed=0, epoch=0, shuffle=False, drop_last=False)
-    detections = predict_batches(loader, predictor, category_ids_for(ground_truth, class_names))
+    by_name = dict(zip(class_names, category_ids_for(ground_truth, class_names)))
+    ids = [by_name.get(n, -1) for n in (label_names if label_names is not None else class_names)]
+    detections = predict_batches(loader, predictor, ids)
     return coco_map(ground_truth, detections, class_names)

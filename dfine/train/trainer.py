@@ -270,10 +270,10 @@ class Trainer:
                 row, _ = np.argwhere(~finite)[0]
                 bad = [loss_names[j] for j in np.flatnonzero(~finite[row])]
                 where = str(self._last_good) if self._last_good else "none written yet"
+                more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
                 raise NonFiniteLossError(
-                    f"step {pending[row][0]}: non-finite loss in {', '.join(bad[:4])}"
-                    f"{' and %d more' % (len(bad) - 4) if len(bad) > 4 else ''}; training stopped; "
-                    f"last good checkpoint: {where}")
+                    f"step {pending[row][0]}: non-finite loss in {', '.join(bad[:4])}{more}; "
+                    f"training stopped; last good checkpoint: {where}")
             with (out / LOSSES_CSV).open("a", newline="") as f:
                 writer = csv.writer(f)
                 if f.tell() == 0:
