@@ -28,6 +28,7 @@ from pipeline.config import AppConfig, CliOverrides, apply_overrides, load_confi
 from pipeline.label_cli import add_label_command
 from pipeline.runner import StageError
 from pipeline.schema import ConfigError
+from pipeline.train_cli import add_train_commands
 
 logger = logging.getLogger("finestream")
 
@@ -137,6 +138,7 @@ def _build_parser() -> argparse.ArgumentParser:
     listen.set_defaults(handler=_cmd_listen)
 
     add_label_command(commands)
+    add_train_commands(commands)
     return parser
 
 
