@@ -23,6 +23,7 @@ from stages.annotate import (
     make_annotator,
 )
 from stages.decode import DecodeConfig, FileSource
+from stages.events import EVENT_SCHEMA_VERSION, track_started_event
 from stages.frame import Detections, FramePacket
 from stages.sinks.jsonl import JsonLinesSink, JsonLinesSinkConfig
 from stages.sinks.mot import MotSink, MotSinkConfig
@@ -283,47 +284,55 @@ def test_annotate_config_rejects_bad_values(kwargs: dict[str, object], field: st
 # --- JSON Lines ---------------------------------------------------------------------------
 
 
-def test_jsonl_one_line_per_frame_with_the_schema(tmp_path: Path) -> None:
+def test_jsonl_one_frame_message_per_packet_and_events_on_their_own_lines(tmp_path: Path) -> None:
     packets = [_with_detections(p) for p in _real_packets("cars_320x240.h265", 5)]
-    packets[2].events.append({"event": "track_started", "track_id": 7, "class_id": 2})
     packets[4].detections = None  # a frame no detector looked at
+    started = track_started_event(stream="0", frame=2, pts_s=0.08, track_id=7, class_id=2,
+                                  box_xyxy=[13, 20, 203, 150], class_names=CLASS_NAMES)
     sink = JsonLinesSink(JsonLinesSinkConfig(path=str(tmp_path / "d.jsonl")), CLASS_NAMES)
     sink.setup()
     for p in packets:
+        if p.index == 2:
+            sink.on_event(started)  # as the runner delivers it: before its frame
         sink.write(p)
     # Flushed per line: everything is readable before teardown (what a crash would leave).
-    assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 5
+    assert len((tmp_path / "d.jsonl").read_text().splitlines()) == 6
     sink.teardown()
 
     lines = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
-    assert len(lines) == 5
-    assert [line["frame"] for line in lines] == [0, 1, 2, 3, 4]
-    assert all(set(line) == {"stream", "frame", "pts", "detections", "events"} for line in lines)
-    assert lines[1]["stream"] == "0" and lines[1]["pts"] == pytest.approx(0.04)
-    first = lines[1]["detections"][0]
-    assert first == {"box": [13.0, 20.0, 203.0, 150.0], "score": 0.9123, "class_id": 2, "label": "car",
-                     "track_id": 7}
-    assert lines[1]["detections"][1]["box"] == [300.0, 200.0, 340.12, 260.46]
-    assert lines[1]["detections"][1]["track_id"] == -1
-    assert lines[2]["events"] == [{"event": "track_started", "track_id": 7, "class_id": 2}]
-    assert lines[4]["detections"] == []
+    assert [(line["type"], line["frame"]) for line in lines] == [
+        ("frame", 0), ("frame", 1), ("track_started", 2), ("frame", 2), ("frame", 3), ("frame", 4)]
+    frames = [line for line in lines if line["type"] == "frame"]
+    assert all(line["v"] == EVENT_SCHEMA_VERSION for line in lines)
+    assert frames[1]["stream"] == "0" and frames[1]["pts_s"] == pytest.approx(0.04)
+    assert (frames[1]["width"], frames[1]["height"]) == (320, 240)
+    first = frames[1]["detections"][0]
+    assert first == {"box_xyxy": [13.0, 20.0, 203.0, 150.0], "score": 0.9123, "class_id": 2,
+                     "label": "car", "track_id": 7}
+    assert frames[1]["detections"][1]["box_xyxy"] == [300.0, 200.0, 340.12, 260.46]
+    assert frames[1]["detections"][1]["track_id"] is None
+    assert lines[2] == started
+    assert frames[4]["detections"] == []
 
 
-def test_jsonl_non_finite_numbers_become_null(tmp_path: Path) -> None:
+def test_jsonl_rows_with_non_finite_numbers_are_left_out_and_lines_stay_strict_json(
+    tmp_path: Path,
+) -> None:
     packet = _synthetic(0, 0.0, 8, 8)
     packet.detections = Detections(
-        boxes_xyxy=np.array([[np.nan, 1, 2, np.inf]], np.float32),
-        scores=np.array([0.5], np.float32), class_ids=np.array([9], np.int64),
+        boxes_xyxy=np.array([[np.nan, 1, 2, np.inf], [1, 1, 4, 4]], np.float32),
+        scores=np.array([0.5, 0.25], np.float32), class_ids=np.array([9, 9], np.int64),
     )
-    packet.events.append({"event": "x", "count": np.int64(3)})
     sink = JsonLinesSink(JsonLinesSinkConfig(path=str(tmp_path / "n.jsonl")), CLASS_NAMES)
     sink.setup()
     sink.write(packet)
+    sink.on_event({"v": EVENT_SCHEMA_VERSION, "type": "x", "stream": "0", "bad": float("nan")})
     sink.teardown()
-    line = json.loads((tmp_path / "n.jsonl").read_text())
-    assert line["detections"][0]["box"] == [None, 1.0, 2.0, None]
-    assert line["detections"][0]["label"] == "9"
-    assert line["events"] == [{"event": "x", "count": 3}]
+    lines = (tmp_path / "n.jsonl").read_text().splitlines()
+    assert len(lines) == 1  # the broken event is logged and skipped, the run goes on
+    line = json.loads(lines[0])
+    assert [d["box_xyxy"] for d in line["detections"]] == [[1.0, 1.0, 4.0, 4.0]]
+    assert line["detections"][0]["label"] == "class_9"  # one fallback for every output
 
 
 def test_jsonl_flush_every_n(tmp_path: Path) -> None:

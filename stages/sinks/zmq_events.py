@@ -1,9 +1,11 @@
 """Publish events over ZeroMQ, and ``listen()`` to them (``finestream listen ENDPOINT``).
 
-Input: ``FramePacket`` s (read only). Output: multipart messages ``[stream_id, json]`` on a PUB
-socket: first the packet's own ``events`` (``track_started``, ``source_restored``...), then one
-``frame`` message with its detections. The body is ``stages.events.encode_event`` JSON; the
-first part is the stream id in UTF-8, so a subscriber can filter by stream (ZeroMQ matches
+Input: ``FramePacket`` s (read only), and the pipeline's events (``on_event``: track,
+analytics and source events, delivered by the runner in this sink's thread, also while no
+frames flow). Output: multipart messages ``[stream_id, json]`` on a PUB socket: a ``frame``
+message per packet (``stages.events.frame_event``) and each event as it was published, the very
+messages the JSON Lines sink writes. The body is ``stages.events.encode_event`` JSON; the first
+part is the message's ``stream`` in UTF-8, so a subscriber can filter by stream (ZeroMQ matches
 prefixes: subscribing to ``cam1`` also gets ``cam10``). The schema is docs/events.md.
 
 Never blocks the pipeline: every send is ``NOBLOCK`` and queues are capped at ``sndhwm``
@@ -15,15 +17,10 @@ messages per subscriber. What happens to a subscriber that does not keep up is `
   queue cannot take is refused for everyone and counted in ``dropped``. For one consumer
   (a service downstream) this costs nothing and makes losses visible.
 
-Out-of-band events: ``post_event(event)`` sends a dict at once from any thread. The assembly
-passes it as the live source's ``on_event``, so ``source_lost`` goes out while no frames flow
-(the sink's thread is then idle, waiting for a packet). The copy of the same event that later
-rides in a packet (same ``type``, ``stream`` and ``outage``) is not sent again.
-
-Threads: ZeroMQ sockets are not thread-safe. The socket is created in ``setup()`` and closed in
-``teardown()`` (linger ``linger_ms``, 0 by default: exit never waits for a slow subscriber) on
-the sink's thread; ``write()`` runs there too, and ``post_event()`` from other threads uses the
-socket only under the sink's lock, which ZeroMQ allows (a full memory barrier between users).
+Threads: ZeroMQ sockets are not thread-safe. The socket is created in ``setup()``, used by
+``write()`` and ``on_event()`` and closed in ``teardown()`` (linger ``linger_ms``, 0 by default:
+exit never waits for a slow subscriber), all on the sink's thread; ``stats()`` may be called
+from any thread (the counters are under a lock).
 """
 
 from __future__ import annotations
@@ -34,7 +31,6 @@ import logging
 import sys
 import threading
 import time
-from collections import OrderedDict, deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TextIO
@@ -42,13 +38,7 @@ from typing import Any, TextIO
 import zmq
 
 from pipeline.stage import StageBase
-from stages.events import (
-    EVENT_SCHEMA_VERSION,
-    EventError,
-    encode_event,
-    frame_event,
-    label_for,
-)
+from stages.events import EventError, encode_event, frame_event
 from stages.frame import FramePacket
 
 logger = logging.getLogger(__name__)
@@ -63,11 +53,6 @@ __all__ = [
     "listen",
 ]
 
-# Events posted before setup() made the socket are kept (the oldest dropped beyond this).
-_EARLY_EVENTS = 256
-# Keys of events already sent by post_event(), to skip their copies in packets. A copy may never
-# come (its packet dropped by a leaky buffer), so the memory is bounded.
-_POSTED_KEYS = 1024
 # listen() wakes this often to check its deadline and let Ctrl-C through.
 _LISTEN_POLL_MS = 100
 
@@ -135,34 +120,33 @@ class ZmqSinkStats:
 
     Attributes:
         sent: messages handed to ZeroMQ.
-        dropped: messages refused because a queue was full (``COUNTED`` mode), or posted
-            after ``teardown()``.
+        dropped: messages refused because a queue was full (``COUNTED`` mode).
+        bytes_sent: bytes of the messages handed to ZeroMQ (topics and bodies).
     """
 
     sent: int
     dropped: int
+    bytes_sent: int = 0
 
 
 class ZmqEventSink(StageBase[FramePacket]):
-    """Sink[FramePacket] publishing ``stages.events`` messages on a ZeroMQ socket.
+    """Sink[FramePacket] and event subscriber publishing ``stages.events`` messages on ZeroMQ.
 
     Args:
         config: see ``ZmqSinkConfig``.
-        class_names: index = class id; labels of detections and of events that lack one.
+        class_names: index = class id, for the detections' ``label``.
     """
 
     def __init__(self, config: ZmqSinkConfig, class_names: Sequence[str]) -> None:
         self.config = config
         self.class_names = list(class_names)
         self.name = "zmq_events"
-        self._lock = threading.Lock()  # guards the socket and everything below
+        self._lock = threading.Lock()  # guards the counters (stats() from other threads)
         self._context: zmq.Context[Any] | None = None
         self._socket: zmq.Socket[Any] | None = None
-        self._torn_down = False
-        self._early: deque[dict[str, Any]] = deque(maxlen=_EARLY_EVENTS)
-        self._posted_keys: OrderedDict[tuple[Any, ...], None] = OrderedDict()
         self._sent = 0
         self._dropped = 0
+        self._bytes_sent = 0
 
     # --- the stage (sink thread) ---------------------------------------------------------------
 
@@ -187,101 +171,45 @@ class ZmqEventSink(StageBase[FramePacket]):
                 f"cannot {cfg.mode.value} ZeroMQ events to {cfg.endpoint}: {exc.strerror}; "
                 "pick another endpoint (or stop the program already using it)"
             ) from None
-        with self._lock:
-            self._context, self._socket = context, sock
-            early = list(self._early)
-            self._early.clear()
-            for event in early:
-                self._send_locked(event)
+        self._context, self._socket = context, sock
         logger.info("%s: publishing on %s (%s)", self.name, cfg.endpoint, cfg.mode.value)
 
     def write(self, item: FramePacket) -> None:
-        bodies: list[bytes] = []
-        for event in item.events:
-            key = _posted_key(event)
-            with self._lock:
-                if key is not None and key in self._posted_keys:
-                    del self._posted_keys[key]  # already sent by post_event()
-                    continue
-            bodies.append(self._encode(self._complete(event, item.stream_id, item)))
         if self.config.send_frames:
-            bodies.append(encode_event(frame_event(item, self.class_names)))
-        topic = item.stream_id.encode("utf-8")
-        with self._lock:
-            for body in bodies:
-                self._send_body_locked(topic, body)
+            self._send(item.stream_id, frame_event(item, self.class_names))
+
+    def on_event(self, event: Mapping[str, Any]) -> None:
+        """One event from the pipeline's channel, sent as it is under its own ``stream``."""
+        self._send(str(event.get("stream", "")), event)
 
     def teardown(self) -> None:
-        with self._lock:
-            self._torn_down = True
-            sock, self._socket = self._socket, None
-            context, self._context = self._context, None
-            if sock is not None:
-                sock.close(linger=self.config.linger_ms)
-            if context is not None:
-                context.term()
+        sock, self._socket = self._socket, None
+        context, self._context = self._context, None
+        if sock is not None:
+            sock.close(linger=self.config.linger_ms)
+        if context is not None:
+            context.term()
         stats = self.stats()
         logger.info("%s: %d messages sent, %d dropped", self.name, stats.sent, stats.dropped)
 
     # --- from any thread -------------------------------------------------------------------------
 
-    def post_event(self, event: Mapping[str, Any]) -> None:
-        """Send ``event`` now (never blocks); thread-safe. Before ``setup()`` it is kept and
-        sent at setup; after ``teardown()`` it is counted as dropped."""
-        with self._lock:
-            if self._torn_down:
-                self._dropped += 1
-                return
-            key = _posted_key(event)
-            if key is not None:
-                self._posted_keys[key] = None
-                while len(self._posted_keys) > _POSTED_KEYS:
-                    self._posted_keys.popitem(last=False)
-            if self._socket is None:
-                self._early.append(dict(event))
-                return
-            self._send_locked(event)
-
     def stats(self) -> ZmqSinkStats:
         """Counters now; thread-safe."""
         with self._lock:
-            return ZmqSinkStats(sent=self._sent, dropped=self._dropped)
+            return ZmqSinkStats(sent=self._sent, dropped=self._dropped, bytes_sent=self._bytes_sent)
 
     # --- internals ---------------------------------------------------------------------------
 
-    def _complete(
-        self, event: Mapping[str, Any], stream_id: str, packet: FramePacket | None = None
-    ) -> dict[str, Any]:
-        """A copy of ``event`` with what a terse producer left out filled in: the envelope, the
-        ``frame``/``pts_s`` of the packet it rode in, and ``label`` from ``class_id``. A
-        producer's ``event`` key is taken as ``type``."""
-        full = dict(event)
-        if "type" not in full and isinstance(full.get("event"), str):
-            full["type"] = full.pop("event")
-        full.setdefault("v", EVENT_SCHEMA_VERSION)
-        full.setdefault("stream", stream_id)
-        if "time_unix_s" not in full:
-            full["time_unix_s"] = round(time.time(), 6)
-        if packet is not None:
-            full.setdefault("frame", packet.index)
-            full.setdefault("pts_s", round(packet.pts_s, 6))
-        class_id = full.get("class_id")
-        if isinstance(class_id, int) and "label" not in full:
-            full["label"] = label_for(class_id, self.class_names)
-        return full
-
-    def _encode(self, event: Mapping[str, Any]) -> bytes:
+    def _send(self, stream: str, message: Mapping[str, Any]) -> None:
         try:
-            return encode_event(event)
+            body = encode_event(message)
         except EventError as exc:
             # A producer's bad event must not stop the frames; say which one it was.
-            logger.warning("%s: event not sent: %s", self.name, exc)
-            return b""
-
-    def _send_locked(self, event: Mapping[str, Any]) -> None:
-        stream = str(event.get("stream", ""))
-        body = self._encode(self._complete(event, stream))
-        self._send_body_locked(stream.encode("utf-8"), body)
+            logger.warning("%s: message not sent: %s", self.name, exc)
+            return
+        with self._lock:
+            self._send_body_locked(stream.encode("utf-8"), body)
 
     def _send_body_locked(self, topic: bytes, body: bytes) -> None:
         sock = self._socket
@@ -295,6 +223,7 @@ class ZmqEventSink(StageBase[FramePacket]):
             self._dropped += 1
         else:
             self._sent += 1
+            self._bytes_sent += len(topic) + len(body)
 
     @staticmethod
     def _drain_subscriptions_locked(sock: zmq.Socket[Any]) -> None:
@@ -305,14 +234,6 @@ class ZmqEventSink(StageBase[FramePacket]):
                 sock.recv(flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
-
-
-def _posted_key(event: Mapping[str, Any]) -> tuple[Any, ...] | None:
-    """What identifies a live source's lost/restored event (others are never posted twice)."""
-    outage = event.get("outage")
-    if outage is None:
-        return None
-    return (event.get("type"), event.get("stream"), outage)
 
 
 def listen(
