@@ -458,7 +458,8 @@ class Criterion(nn.Module):
 
         if matching.dn is not None:
             dn_layers = list(outputs["dn_outputs"])
-            dn_norm = matching.num_boxes * int(outputs["dn_meta"]["dn_num_group"])
+            # At least 1: a batch without GT may still carry an empty denoising group.
+            dn_norm = max(matching.num_boxes * int(outputs["dn_meta"]["dn_num_group"]), 1.0)
             dn_edges = (
                 self._edge_targets(outputs, dn_layers[0], targets, matching.dn)
                 if dn_layers

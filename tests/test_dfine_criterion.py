@@ -229,6 +229,28 @@ def test_half_precision_outputs_are_scored_in_float32(fixtures_dir: Path) -> Non
     assert max(errors.values()) < 0.1
 
 
+def test_batch_without_boxes_and_an_empty_denoising_group_is_finite(fixtures_dir: Path) -> None:
+    # A model may build a denoising group of 0 groups when no image has a box: the denoising
+    # terms must then be 0, not 0 / 0.
+    data = _load(fixtures_dir, "train_io.pt")
+    outputs = copy.deepcopy(data["outputs"])
+    outputs["dn_outputs"] = [
+        {k: v[:, :0] for k, v in layer.items()} for layer in outputs["dn_outputs"]
+    ]
+    outputs["dn_pre_outputs"] = {k: v[:, :0] for k, v in outputs["dn_pre_outputs"].items()}
+    empty = torch.zeros(0, dtype=torch.int64)
+    outputs["dn_meta"] = {
+        "dn_positive_idx": [empty, empty],
+        "dn_num_group": 0,
+        "dn_num_split": [0, 300],
+    }
+    targets = [{"labels": empty, "boxes": torch.zeros(0, 4)} for _ in range(2)]
+    losses = Criterion()(outputs, targets)
+    assert list(losses) == data["loss_keys"]
+    assert all(torch.isfinite(v) for v in losses.values()), losses
+    assert all(v.item() == 0.0 for k, v in losses.items() if "_dn_" in k)
+
+
 # ---------------------------------------------------------------------------- the matcher
 
 
