@@ -177,6 +177,21 @@ def test_images_dir_option_finds_images_elsewhere(tmp_path: Path) -> None:
     assert spec.train[0].image_path == tmp_path / "pictures" / "a.png"
 
 
+def test_missing_sizes_come_from_the_file_and_a_big_set_names_its_first_bad_image(tmp_path: Path) -> None:
+    images = [_img(i, f"f{i:02d}.png") for i in range(20)]
+    for image in images:
+        _write_image(tmp_path / image["file_name"], 64, 48)
+    del images[3]["width"], images[3]["height"]
+    path = _coco(tmp_path, images, [_ann(1, 3, [60, 1, 4, 4])], make_files=False)
+    spec = load_dataset(path, val_fraction=0.0)
+    assert (spec.train[3].width, spec.train[3].height) == (64, 48)
+    (tmp_path / "f12.png").unlink()
+    (tmp_path / "f17.png").unlink()
+    with pytest.raises(DatasetError, match="f12.png") as info:  # the first in the file's order
+        load_dataset(path)
+    assert "f17" not in str(info.value)
+
+
 # ----------------------------------------------------------------------------------------------
 # COCO reading
 

@@ -28,7 +28,9 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -136,6 +138,15 @@ def _read_image_size(path: Path, where: str) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def _read_image_sizes(paths: Sequence[Path], wheres: Sequence[str]) -> list[tuple[int, int]]:
+    """(width, height) of each image, checked in parallel (the work is file I/O); the first
+    failure in list order is raised."""
+    if len(paths) < 16:
+        return [_read_image_size(p, w) for p, w in zip(paths, wheres)]
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        return list(pool.map(_read_image_size, paths, wheres))
+
+
 def _check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int,
                where: str) -> tuple[float, float, float, float]:
     """The box clipped to its image; refuses a non-positive size or an overhang beyond tolerance."""
@@ -241,11 +252,22 @@ def _coco_samples(
     for entry in images:
         image_id = _coco_field(path, entry, "id", int, "an image")
         file_name = _coco_field(path, entry, "file_name", str, f"image {image_id}")
-        width = _coco_field(path, entry, "width", int, f"image {file_name!r}")
-        height = _coco_field(path, entry, "height", int, f"image {file_name!r}")
+        # width/height may be left out (the file's size is used); when given they must be right.
+        sizes = [None if entry.get(key) is None else _coco_field(path, entry, key, int, f"image {file_name!r}")
+                 for key in ("width", "height")]
         if image_id in records:
             raise DatasetError(f"{path}: image id {image_id} appears twice; give each image its own id")
-        records[image_id] = {"file_name": file_name, "width": width, "height": height, "boxes": [], "labels": []}
+        records[image_id] = {"file_name": file_name, "json_size": sizes, "boxes": [], "labels": []}
+
+    # The images first: boxes are checked against the real sizes.
+    wheres = [f"{path}: image {r['file_name']!r}" for r in records.values()]
+    real_sizes = _read_image_sizes([image_root / r["file_name"] for r in records.values()], wheres)
+    for record, where, (real_w, real_h) in zip(records.values(), wheres, real_sizes):
+        json_w, json_h = record["json_size"]
+        if (json_w is not None and json_w != real_w) or (json_h is not None and json_h != real_h):
+            raise DatasetError(f"{where}: the JSON says {json_w}x{json_h} but the file is "
+                               f"{real_w}x{real_h}; fix width/height in the JSON (and its boxes) or the image")
+        record["width"], record["height"] = real_w, real_h
 
     skipped_crowd = 0
     for entry in annotations:
@@ -272,17 +294,9 @@ def _coco_samples(
         record["boxes"].append(_check_box(x, y, x + w, y + h, record["width"], record["height"], where))
         record["labels"].append(label_of[cat_id])
 
-    samples = []
-    for image_id, record in records.items():
-        image_path = image_root / record["file_name"]
-        where = f"{path}: image {record['file_name']!r}"
-        real_w, real_h = _read_image_size(image_path, where)
-        if (real_w, real_h) != (record["width"], record["height"]):
-            raise DatasetError(f"{where}: the JSON says {record['width']}x{record['height']} but the file is "
-                               f"{real_w}x{real_h}; fix width/height in the JSON (and its boxes) or the image")
-        samples.append(Sample(image_path=image_path, width=real_w, height=real_h,
-                              boxes_xyxy=_boxes_array(record["boxes"]), labels=_labels_array(record["labels"]),
-                              image_id=image_id))
+    samples = [Sample(image_path=image_root / r["file_name"], width=r["width"], height=r["height"],
+                      boxes_xyxy=_boxes_array(r["boxes"]), labels=_labels_array(r["labels"]), image_id=image_id)
+               for image_id, r in records.items()]
     return samples, skipped_crowd
 
 
@@ -386,8 +400,8 @@ def _yolo_label_path(image: Path) -> Path | None:
     return None
 
 
-def _yolo_sample(image: Path, num_classes: int, image_id: int) -> Sample:
-    width, height = _read_image_size(image, f"{image}")
+def _yolo_sample(image: Path, size_wh: tuple[int, int], num_classes: int, image_id: int) -> Sample:
+    width, height = size_wh
     label_path = _yolo_label_path(image)
     if label_path is None:
         raise DatasetError(f"{image}: not inside an 'images' folder, so its labels cannot be found; "
@@ -439,8 +453,10 @@ def _load_yolo_dataset(data: Path) -> DatasetSpec:
     val_images = _yolo_images(data, root, content["val"], "val") if content.get("val") else []
     if not train_images:
         raise DatasetError(f"{data}: no images found for 'train'; check the folder and the image suffixes")
-    train = [_yolo_sample(p, len(class_names), i) for i, p in enumerate(train_images)]
-    val = [_yolo_sample(p, len(class_names), len(train) + i) for i, p in enumerate(val_images)]
+    sizes = _read_image_sizes([*train_images, *val_images], [str(p) for p in (*train_images, *val_images)])
+    train = [_yolo_sample(p, sizes[i], len(class_names), i) for i, p in enumerate(train_images)]
+    val = [_yolo_sample(p, sizes[len(train) + i], len(class_names), len(train) + i)
+           for i, p in enumerate(val_images)]
     note = f"val from '{content['val']}'" if val else "no val images"
     description = f"YOLO {data.name}: {_describe_counts(train, val, len(class_names))}; {note}"
     logger.info("dataset: %s", description)
