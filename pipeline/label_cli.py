@@ -8,7 +8,15 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.label import LabelError, LabelSettings, SplitBy, Teacher, check_sources, label_sources
+from pipeline.label import (
+    LabelError,
+    LabelSettings,
+    SplitBy,
+    Teacher,
+    check_sources,
+    class_mapping,
+    label_sources,
+)
 from stages.tiling import MergeMethod
 
 
@@ -24,10 +32,10 @@ def add_label_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     label.add_argument("--holdout", type=Path, action="append", default=[],
                        help="source labelled into test.json only: a scene the model never trains on (repeat)")
     label.add_argument("--out", type=Path, required=True, help="dataset folder to write")
-    label.add_argument("--size", default="n", help="D-FINE size of a .pth teacher")
-    label.add_argument("--num-classes", type=int, default=80, help="classes of a .pth teacher")
+    label.add_argument("--size", default=None, help="D-FINE size of a .pth teacher (default: the file's)")
+    label.add_argument("--num-classes", type=int, default=None, help="classes of a .pth teacher (default: the file's)")
     label.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
-    label.add_argument("--imgsz", type=int, default=None, help="teacher input side (default: from the file, else 640)")
+    label.add_argument("--imgsz", type=int, default=None, help="teacher input side (default: from an .onnx/.engine file, else 640)")
     label.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     label.add_argument("--every", type=int, default=1, help="keep every k-th frame")
     label.add_argument("--min-change", type=float, default=0.0,
@@ -86,19 +94,23 @@ def run_label(args: argparse.Namespace) -> int:
     if args.out.exists() and any(args.out.iterdir()):
         raise LabelError(f"--out {args.out}: folder is not empty; choose a new folder or empty it")
 
-    from stages.infer import InferConfig, make_backend
+    from stages.infer import InferConfig, make_backend, prepare_model
 
-    backend = make_backend(
+    # The check phase: the model file read once (class names, input size), nothing loaded yet.
+    prepared = prepare_model(
         InferConfig(
             backend=args.backend,
             model=args.model,
             size=args.size,
             num_classes=args.num_classes,
-            imgsz=args.imgsz or 640,
+            imgsz=args.imgsz,
             device=args.device,
             score_threshold=settings.score_threshold,
         )
     )
+    class_names = list(prepared.info.class_names)
+    class_mapping(class_names, settings.classes, settings.rename)  # refuses unknown names now
+    backend = make_backend(prepared.config, prepared.info)
     started = time.monotonic()
 
     def progress(frames_read: int) -> None:
@@ -109,7 +121,7 @@ def run_label(args: argparse.Namespace) -> int:
         sys.stderr.flush()
 
     summary = label_sources(
-        Teacher(backend, settings), backend.class_names, args.source, args.out, settings,
+        Teacher(backend, settings), class_names, args.source, args.out, settings,
         holdout=args.holdout, progress=progress,
     )
     if not args.no_progress:
