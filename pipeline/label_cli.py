@@ -35,7 +35,8 @@ def add_label_command(commands: argparse._SubParsersAction) -> None:  # type: ig
     label.add_argument("--size", default=None, help="D-FINE size of a .pth teacher (default: the file's)")
     label.add_argument("--num-classes", type=int, default=None, help="classes of a .pth teacher (default: the file's)")
     label.add_argument("--backend", default="auto", choices=["auto", "torch", "onnxruntime", "tensorrt"])
-    label.add_argument("--imgsz", type=int, default=None, help="teacher input side (default: from an .onnx/.engine file, else 640)")
+    label.add_argument("--imgsz", type=int, default=None,
+                       help="teacher input side (default: an .onnx/.engine file's, else 640)")
     label.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     label.add_argument("--every", type=int, default=1, help="keep every k-th frame")
     label.add_argument("--min-change", type=float, default=0.0,
