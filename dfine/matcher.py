@@ -99,7 +99,7 @@ class HungarianMatcher:
             ``(Q, n)`` float cost, same device as the inputs; NaN entries (degenerate boxes)
             are replaced by 1 so the assignment can still be solved.
         """
-        prob = logits.sigmoid()[:, gt_labels]
+        prob = logits[:, gt_labels].sigmoid()  # only the GT classes: n columns, not C
         pos = self.alpha * (1 - prob) ** self.gamma * -(prob + _LOG_EPS).log()
         neg = (1 - self.alpha) * prob**self.gamma * -(1 - prob + _LOG_EPS).log()
         cost_l1 = torch.cdist(boxes_cxcywh, gt_boxes_cxcywh, p=1)
