@@ -74,6 +74,14 @@ def _size_mismatch(tmp_path: Path) -> Path:
     return _coco(tmp_path, [_img(1, "a.png", 64, 48)], [], make_files=False)
 
 
+def _exif_turned(tmp_path: Path) -> Path:
+    picture = Image.new("RGB", (64, 48))
+    exif = picture.getexif()
+    exif[0x0112] = 6  # "rotate 90 CW to display": tools label it 48x64
+    picture.save(tmp_path / "a.jpg", exif=exif)
+    return _coco(tmp_path, [_img(1, "a.jpg", 48, 64)], [], make_files=False)
+
+
 def _box_outside(tmp_path: Path) -> Path:
     return _coco(tmp_path, [_img(1, "a.png")], [_ann(7, 1, [50, 10, 20, 10])])  # x2 = 70 > 64 + 1
 
@@ -136,6 +144,7 @@ ERROR_CASES = {
     "missing image": (_missing_image, "a.png", "not found"),
     "corrupt image": (_corrupt_image, "a.jpg", "corrupt"),
     "size mismatch": (_size_mismatch, "ann.json", "64x40"),
+    "exif rotated": (_exif_turned, "a.jpg", "EXIF rotation"),
     "box outside": (_box_outside, "ann.json", "outside"),
     "zero box": (_zero_box, "ann.json", "zero or negative"),
     "unknown category": (_unknown_category, "ann.json", "unknown category id 4"),
@@ -158,7 +167,7 @@ def test_dataset_errors_are_one_line_naming_the_file_and_the_fix(tmp_path: Path,
     message = str(info.value)
     assert "\n" not in message
     assert names in message and says in message, message
-    assert any(word in message for word in ("fix", "add", "replace", "renumber", "put")), message
+    assert any(word in message for word in ("fix", "add", "replace", "renumber", "put", "save")), message
     assert isinstance(info.value, ValueError)
 
 

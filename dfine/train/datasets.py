@@ -138,6 +138,15 @@ def _read_image_size(path: Path, where: str) -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
+def _exif_turned(path: Path) -> bool:
+    """Whether the file's EXIF orientation turns it by 90 degrees (orientations 5-8)."""
+    try:
+        with Image.open(path) as image:
+            return image.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except (OSError, ValueError):
+        return False
+
+
 def _read_image_sizes(paths: Sequence[Path], wheres: Sequence[str]) -> list[tuple[int, int]]:
     """(width, height) of each image, checked in parallel (the work is file I/O); the first
     failure in list order is raised."""
@@ -265,6 +274,12 @@ def _coco_samples(
     for record, where, (real_w, real_h) in zip(records.values(), wheres, real_sizes):
         json_w, json_h = record["json_size"]
         if (json_w is not None and json_w != real_w) or (json_h is not None and json_h != real_h):
+            if (json_w, json_h) == (real_h, real_w) and _exif_turned(image_root / record["file_name"]):
+                # Annotation tools label the upright (EXIF-rotated) picture; the loader, like the
+                # official one, reads the stored pixels: the boxes would not fit the picture.
+                raise DatasetError(f"{where}: the JSON says {json_w}x{json_h} but the file stores "
+                                   f"{real_w}x{real_h} with an EXIF rotation; save the image upright "
+                                   "(e.g. PIL.ImageOps.exif_transpose) so pixels and boxes agree")
             raise DatasetError(f"{where}: the JSON says {json_w}x{json_h} but the file is "
                                f"{real_w}x{real_h}; fix width/height in the JSON (and its boxes) or the image")
         record["width"], record["height"] = real_w, real_h
