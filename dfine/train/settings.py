@@ -67,7 +67,8 @@ class ParamGroupSettings:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
 
 
-def _default_groups() -> tuple[ParamGroupSettings, ...]:
+def default_param_groups() -> tuple[ParamGroupSettings, ...]:
+    """The official N/S/M groups at this file's default lrs (backbone at half the lr)."""
     return (
         ParamGroupSettings(BACKBONE_NO_NORM, lr=1e-4),
         ParamGroupSettings(BACKBONE_NORM, lr=1e-4, weight_decay=0.0),
@@ -95,7 +96,7 @@ class OptimSettings:
     lr: float = 2e-4
     weight_decay: float = 1e-4
     betas: tuple[float, ...] = (0.9, 0.999)
-    param_groups: tuple[ParamGroupSettings, ...] = field(default_factory=_default_groups)
+    param_groups: tuple[ParamGroupSettings, ...] = field(default_factory=default_param_groups)
     warmup_steps: int = 500
     schedule: Schedule = Schedule.FLAT
     flat_fraction: float = 0.5
