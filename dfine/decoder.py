@@ -550,7 +550,8 @@ class DFineDecoder(nn.Module):
             corners = self.dec_bbox_head[i](head_in)
             if corners_prev is not None:
                 corners = corners + corners_prev
-            boxes = distance_to_box(initial_boxes, distribution_integral(corners, project, self.reg_max), self.reg_scale)
+            offsets = distribution_integral(corners, project, self.reg_max)
+            boxes = distance_to_box(initial_boxes, offsets, self.reg_scale)
             hidden.append(output)
             all_corners.append(corners)
             all_boxes.append(boxes)

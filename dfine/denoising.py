@@ -72,7 +72,9 @@ def _check_targets(targets: Sequence[dict[str, torch.Tensor]]) -> None:
             )
 
 
-def denoising_attn_mask(num_denoising: int, group_size: int, num_queries: int, device: torch.device) -> torch.Tensor:
+def denoising_attn_mask(
+    num_denoising: int, group_size: int, num_queries: int, device: torch.device
+) -> torch.Tensor:
     """Self-attention mask, bool ``(D + Q, D + Q)``, True = blocked.
 
     Matching queries cannot see any denoising query (they would learn from the answers); a
@@ -131,7 +133,11 @@ def make_denoising_group(
             query_logits=hidden,
             ref_points_unact=torch.zeros(batch, 0, 4, device=device),
             attn_mask=None,
-            dn_meta={"dn_positive_idx": [empty] * batch, "dn_num_group": 0, "dn_num_split": [0, num_queries]},
+            dn_meta={
+                "dn_positive_idx": [empty] * batch,
+                "dn_num_group": 0,
+                "dn_num_split": [0, num_queries],
+            },
             labels=torch.zeros(batch, 0, dtype=torch.int32, device=device),
             boxes=torch.zeros(batch, 0, 4, device=device),
         )
@@ -168,7 +174,9 @@ def make_denoising_group(
     if box_noise_scale > 0:
         corners = box_cxcywh_to_xyxy(boxes)
         half_size = boxes[..., 2:].mul(0.5).tile(1, 1, 2) * box_noise_scale
-        sign = torch.randint(0, 2, (batch, total, 4), dtype=torch.float32, device=device) * 2.0 - 1.0
+        sign = (
+            torch.randint(0, 2, (batch, total, 4), dtype=torch.float32, device=device) * 2.0 - 1.0
+        )
         part = torch.rand(batch, total, 4, device=device)
         # Negatives move by 1-2 half-sizes, positives by 0-1: the arithmetic of the official
         # code, kept so that the same draws give the same boxes to the bit.
@@ -181,7 +189,11 @@ def make_denoising_group(
         query_logits=class_embed(labels),
         ref_points_unact=inverse_sigmoid(boxes),
         attn_mask=denoising_attn_mask(total, group_size, num_queries, device),
-        dn_meta={"dn_positive_idx": positive_idx, "dn_num_group": num_group, "dn_num_split": [total, num_queries]},
+        dn_meta={
+            "dn_positive_idx": positive_idx,
+            "dn_num_group": num_group,
+            "dn_num_split": [total, num_queries],
+        },
         labels=labels,
         boxes=boxes,
     )

@@ -122,7 +122,10 @@ class DFINE(nn.Module):
         if not torch.jit.is_tracing() and (h % INPUT_MULTIPLE or w % INPUT_MULTIPLE):
             raise ValueError(f"input height and width must be multiples of {INPUT_MULTIPLE}, got {h}x{w}")
         if targets is not None and len(targets) != images.shape[0]:
-            raise ValueError(f"got {len(targets)} targets for a batch of {images.shape[0]} images; pass one dict per image")
+            raise ValueError(
+                f"got {len(targets)} targets for a batch of {images.shape[0]} images; "
+                "pass one dict per image"
+            )
         return self.decoder(self.encoder(self.backbone(images)), targets, denoising)
 
     def deploy(self) -> DFINE:

@@ -222,7 +222,10 @@ def test_case_b_teachers_are_the_last_layer_and_refs_are_shared(run_b: tuple) ->
         assert aux["teacher_logits"] is outputs["pred_logits"]
         assert torch.equal(aux["ref_points"], outputs["ref_points"])
     # FDR reference = the detached pre boxes; the pre boxes themselves carry the gradient.
-    assert not outputs["ref_points"].requires_grad and outputs["pre_outputs"]["pred_boxes"].requires_grad
+    assert (
+        not outputs["ref_points"].requires_grad
+        and outputs["pre_outputs"]["pred_boxes"].requires_grad
+    )
     assert torch.equal(outputs["ref_points"], outputs["pre_outputs"]["pred_boxes"].detach())
 
 
@@ -273,7 +276,9 @@ def test_case_a_denoising_group_reproduces_the_official_draws(model_a: DFINE, ca
     torch.set_rng_state(saved["rng_state_before"])
     assert torch.equal(torch.rand(2, 200), saved["rand_label_uniform"])
     assert torch.equal(torch.randint(0, 80, (2, 200), dtype=torch.int32), saved["rand_new_label"])
-    assert torch.equal(torch.randint(0, 2, (2, 200, 4), dtype=torch.float32) * 2 - 1, saved["rand_sign"])
+    assert torch.equal(
+        torch.randint(0, 2, (2, 200, 4), dtype=torch.float32) * 2 - 1, saved["rand_sign"]
+    )
     assert torch.equal(torch.rand(2, 200, 4), saved["rand_part"])
     assert torch.equal(torch.get_rng_state(), after_ours)
 
@@ -302,21 +307,35 @@ def test_case_a_layer_stack_from_the_saved_decoder_inputs(model_a: DFINE, case_a
     """The decoder layers alone, on the official layer-stack inputs (no selection involved)."""
     model = model_a
     inputs, ref = case_a["decoder_inputs"], case_a["outputs"]
-    memory = torch.cat([m.flatten(2).permute(0, 2, 1) for m in case_a["intermediate"]["encoder_outs"]], dim=1)
+    memory = torch.cat(
+        [m.flatten(2).permute(0, 2, 1) for m in case_a["intermediate"]["encoder_outs"]], dim=1
+    )
     shapes = [tuple(s) for s in inputs["spatial_shapes"]]
     dec = model.decoder
     with torch.no_grad():
-        states = dec.run_layers(inputs["target"], inputs["ref_points_unact"], memory, shapes, 3, inputs["attn_mask"])
-        logits = [dec.class_logits(i, h, c) for i, (h, c) in enumerate(zip(states.hidden, states.corners))]
+        states = dec.run_layers(
+            inputs["target"], inputs["ref_points_unact"], memory, shapes, 3, inputs["attn_mask"]
+        )
+        logits = [
+            dec.class_logits(i, h, c) for i, (h, c) in enumerate(zip(states.hidden, states.corners))
+        ]
     layers = [*ref["aux_outputs"], ref]
     for i in range(3):
-        expected_logits = torch.cat([ref["dn_outputs"][i]["pred_logits"], layers[i]["pred_logits"]], dim=1)
-        expected_boxes = torch.cat([ref["dn_outputs"][i]["pred_boxes"], layers[i]["pred_boxes"]], dim=1)
-        expected_corners = torch.cat([ref["dn_outputs"][i]["pred_corners"], layers[i]["pred_corners"]], dim=1)
+        expected_logits = torch.cat(
+            [ref["dn_outputs"][i]["pred_logits"], layers[i]["pred_logits"]], dim=1
+        )
+        expected_boxes = torch.cat(
+            [ref["dn_outputs"][i]["pred_boxes"], layers[i]["pred_boxes"]], dim=1
+        )
+        expected_corners = torch.cat(
+            [ref["dn_outputs"][i]["pred_corners"], layers[i]["pred_corners"]], dim=1
+        )
         assert float((logits[i] - expected_logits).abs().max()) <= ATOL["logits"]
         assert float((states.boxes[i] - expected_boxes).abs().max()) <= ATOL["boxes"]
         assert float((states.corners[i] - expected_corners).abs().max()) <= ATOL["corners"]
-    expected_pre = torch.cat([ref["dn_pre_outputs"]["pred_boxes"], ref["pre_outputs"]["pred_boxes"]], dim=1)
+    expected_pre = torch.cat(
+        [ref["dn_pre_outputs"]["pred_boxes"], ref["pre_outputs"]["pred_boxes"]], dim=1
+    )
     assert float((states.pre_boxes - expected_pre).abs().max()) <= ATOL["boxes"]
 
 
@@ -352,7 +371,12 @@ def _targets(*counts: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     for n in counts:
         centres = 0.2 + 0.6 * torch.rand(n, 2, generator=gen)
         sizes = 0.05 + 0.3 * torch.rand(n, 2, generator=gen)
-        out.append({"labels": torch.randint(0, 80, (n,), generator=gen), "boxes": torch.cat([centres, sizes], 1)})
+        out.append(
+            {
+                "labels": torch.randint(0, 80, (n,), generator=gen),
+                "boxes": torch.cat([centres, sizes], 1),
+            }
+        )
     return out
 
 
@@ -375,7 +399,11 @@ def test_denoising_with_an_image_without_boxes() -> None:
     mask = group.attn_mask
     assert mask is not None and mask.shape == (500, 500)
     assert bool(mask[200:, :200].all()) and not bool(mask[:, 200:].any())
-    assert not bool(mask[8:16, 8:16].any()) and bool(mask[8:16, :8].all()) and bool(mask[8:16, 16:200].all())
+    assert (
+        not bool(mask[8:16, 8:16].any())
+        and bool(mask[8:16, :8].all())
+        and bool(mask[8:16, 16:200].all())
+    )
 
 
 def test_denoising_on_a_batch_without_boxes_draws_nothing(model_a: DFINE) -> None:
@@ -398,7 +426,9 @@ def test_denoising_off_and_bad_targets(model_b: DFINE) -> None:
     with pytest.raises(ValueError, match="boxes"):
         make_denoising_group([{"labels": torch.tensor([1])}], 80, 300, embed)
     with pytest.raises(ValueError, match=r"\(n, 4\)"):
-        make_denoising_group([{"labels": torch.tensor([1]), "boxes": torch.zeros(2, 4)}], 80, 300, embed)
+        make_denoising_group(
+            [{"labels": torch.tensor([1]), "boxes": torch.zeros(2, 4)}], 80, 300, embed
+        )
     with pytest.raises(ValueError, match="one dict per image"):
         model_b(torch.rand(2, 3, 320, 320), _targets(1))
     with pytest.raises(ValueError, match="num_denoising"):
@@ -411,7 +441,7 @@ def test_denoising_off_and_bad_targets(model_b: DFINE) -> None:
 def _output_sum(outputs: dict[str, Any]) -> torch.Tensor:
     """A scalar touching every output tensor, so that every head gets a gradient."""
     total = torch.zeros(())
-    for name, tensor in _tensor_leaves(outputs):
+    for _, tensor in _tensor_leaves(outputs):
         if tensor.is_floating_point() and tensor.requires_grad:
             total = total + tensor.float().mean()
     return total
@@ -419,8 +449,13 @@ def _output_sum(outputs: dict[str, Any]) -> torch.Tensor:
 
 @pytest.mark.parametrize(
     "size",
-    ["n", "s", pytest.param("m", marks=pytest.mark.slow), pytest.param("l", marks=pytest.mark.slow),
-     pytest.param("x", marks=pytest.mark.slow)],
+    [
+        "n",
+        "s",
+        pytest.param("m", marks=pytest.mark.slow),
+        pytest.param("l", marks=pytest.mark.slow),
+        pytest.param("x", marks=pytest.mark.slow),
+    ],
 )
 def test_every_size_trains_forward_and_backward(size: str) -> None:
     torch.manual_seed(0)
@@ -440,7 +475,9 @@ def test_every_size_trains_forward_and_backward(size: str) -> None:
     assert not missing, f"no gradient for {missing[:5]}"
     assert all(bool(torch.isfinite(p.grad).all()) for p in trainable.values())
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
-    backbone_norms = [m for m in model.backbone.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))]
+    backbone_norms = [
+        m for m in model.backbone.modules() if isinstance(m, (nn.BatchNorm2d, FrozenBatchNorm2d))
+    ]
     if cfg.freeze_at >= 0:
         # L and X: the stem is frozen and every backbone norm is a FrozenBatchNorm2d (official configs).
         assert {n for n in frozen if n.startswith("backbone.")} == {
