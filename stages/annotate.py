@@ -4,9 +4,13 @@ Input: a uint8 ``(H, W, 3)`` RGB picture and its ``Detections`` (boxes ``[x1, y1
 that picture's pixels). Output: a *new* uint8 ``(H, W, 3)`` RGB picture; the input is never
 written (a packet's image is shared by every sink).
 
-An ``Annotator`` is the small ABC from supervision: ``annotate(scene, detections, class_names)
--> scene``. The concrete ones draw in place on a canvas they are given (``draw``); ``annotate``
-copies first, and ``AnnotatorChain`` copies once for several.
+An ``Annotator`` is the small ABC from supervision: ``annotate(scene, detections, class_names,
+overlay) -> scene``. The concrete ones draw in place on a canvas they are given (``draw``, and
+``draw_overlay`` for the analytics); ``annotate`` copies first, and ``AnnotatorChain`` copies
+once for several. ``AnalyticsAnnotator`` draws a frame's ``AnalyticsOverlay`` (its packet's
+``analytics``): each counting line with an arrow across it pointing the ``in`` way, each zone's
+outline, and a panel of live counters (per line: in / out with the classes; per zone: who is
+inside).
 
 Colours: one per track id; untracked rows (id -1) take their class's colour.
 
@@ -24,6 +28,8 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
+from stages.analytics.overlay import AnalyticsOverlay
+from stages.events import label_for
 from stages.frame import Detections
 
 # 20 well-separated RGB colours (Tableau-like), readable on both dark and light scenes.
@@ -45,12 +51,22 @@ class Annotator(abc.ABC):
     """Draws one kind of mark for a frame's detections."""
 
     def annotate(
-        self, scene_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]
+        self,
+        scene_rgb_u8: np.ndarray,
+        detections: Detections | None,
+        class_names: Sequence[str],
+        overlay: AnalyticsOverlay | None = None,
     ) -> np.ndarray:
-        """A copy of ``scene_rgb_u8`` (uint8 ``(H, W, 3)`` RGB) with the marks drawn."""
+        """A copy of ``scene_rgb_u8`` (uint8 ``(H, W, 3)`` RGB) with the marks drawn:
+        ``detections`` (``None``: no detector ran) and the analytics ``overlay``, if any."""
         canvas = np.array(scene_rgb_u8, dtype=np.uint8, order="C", copy=True)
-        self.draw(canvas, detections, class_names)
+        self.draw(canvas, detections if detections is not None else Detections.empty(), class_names)
+        if overlay is not None:
+            self.draw_overlay(canvas, overlay)
         return canvas
+
+    def draw_overlay(self, canvas_rgb_u8: np.ndarray, overlay: AnalyticsOverlay) -> None:  # noqa: B027
+        """Draw the analytics in place; most annotators draw none (so not abstract)."""
 
     @abc.abstractmethod
     def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
@@ -80,8 +96,7 @@ class LabelAnnotator(Annotator):
         self._thickness = max(1, round(text_scale * 2))
 
     def caption(self, class_id: int, score: float, track_id: int, class_names: Sequence[str]) -> str:
-        label = class_names[class_id] if 0 <= class_id < len(class_names) else f"class {class_id}"
-        parts = [label]
+        parts = [label_for(class_id, class_names)]
         if self.show_score:
             parts.append(f"{score:.2f}")
         if self.show_track_id and track_id >= 0:
@@ -161,6 +176,96 @@ class AnnotatorChain(Annotator):
         for annotator in self.annotators:
             annotator.draw(canvas_rgb_u8, detections, class_names)
 
+    def draw_overlay(self, canvas_rgb_u8: np.ndarray, overlay: AnalyticsOverlay) -> None:
+        for annotator in self.annotators:
+            annotator.draw_overlay(canvas_rgb_u8, overlay)
+
+
+LINE_RGB = (255, 221, 0)  # counting lines: yellow, seen on asphalt and on grass
+ZONE_RGB = (0, 200, 255)
+
+
+class AnalyticsAnnotator(Annotator):
+    """Counting lines with their ``in`` arrows, zone outlines and a panel of live counters."""
+
+    def __init__(self, thickness: int = 2, text_scale: float = 0.5) -> None:
+        if thickness < 1:
+            raise ValueError(f"thickness must be >= 1, got {thickness}")
+        if text_scale <= 0:
+            raise ValueError(f"text_scale must be > 0, got {text_scale}")
+        self.thickness = thickness
+        self.text_scale = text_scale
+        self._text_thickness = max(1, round(text_scale * 2))
+
+    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+        pass  # only the overlay
+
+    def draw_overlay(self, canvas_rgb_u8: np.ndarray, overlay: AnalyticsOverlay) -> None:
+        height, width = canvas_rgb_u8.shape[:2]
+        for zone in overlay.zones:
+            points = np.rint(np.array(zone.polygon_xy)).astype(np.int32).reshape(-1, 1, 2)
+            cv2.polylines(canvas_rgb_u8, [points], True, ZONE_RGB, self.thickness, cv2.LINE_AA)
+            x, y = points[:, 0, 0].min(), points[:, 0, 1].min()
+            self._text(canvas_rgb_u8, f"{zone.name}: {zone.occupancy}", (int(x) + 4, int(y) + 4), ZONE_RGB)
+        for line in overlay.lines:
+            a = np.array(line.a_xy)
+            b = np.array(line.b_xy)
+            pa, pb = _pixel(a, width, height), _pixel(b, width, height)
+            cv2.line(canvas_rgb_u8, pa, pb, LINE_RGB, self.thickness, cv2.LINE_AA)
+            # The `in` way: A→B's right-hand side on the picture (y down), i.e. (-dy, dx).
+            d = (b - a) / max(1e-9, float(np.hypot(*(b - a))))
+            right = np.array([-d[1], d[0]])
+            mid = (a + b) / 2
+            size = max(20.0, 0.04 * min(width, height))
+            tail, head = mid - right * size / 2, mid + right * size / 2
+            cv2.arrowedLine(canvas_rgb_u8, _pixel(tail, width, height), _pixel(head, width, height),
+                            LINE_RGB, self.thickness, cv2.LINE_AA, tipLength=0.35)
+            self._text(canvas_rgb_u8, "in", _pixel(head + right * 6, width, height), LINE_RGB)
+        self._panel(canvas_rgb_u8, overlay)
+
+    def _panel(self, canvas_rgb_u8: np.ndarray, overlay: AnalyticsOverlay) -> None:
+        rows = []
+        for line in overlay.lines:
+            rows.append(f"{line.name}: in {line.count_in}  out {line.count_out}")
+            rows += [f"  {label}: in {n_in}  out {n_out}" for label, n_in, n_out in line.by_class]
+        for zone in overlay.zones:
+            inside = ", ".join(f"{label} {n}" for label, n in zone.by_class)
+            rows.append(f"{zone.name}: {zone.occupancy} inside" + (f" ({inside})" if inside else "")
+                        + f", {zone.entered} entered")
+        if not rows:
+            return
+        font = cv2.FONT_HERSHEY_SIMPLEX
+        sizes = [cv2.getTextSize(r, font, self.text_scale, self._text_thickness) for r in rows]
+        line_h = max(h + base for (_, h), base in sizes) + 4
+        panel_w = max(w for (w, _), _ in sizes) + 12
+        height, width = canvas_rgb_u8.shape[:2]
+        panel_h = min(height, line_h * len(rows) + 8)
+        region = canvas_rgb_u8[:panel_h, : min(width, panel_w)]
+        region[...] = (region.astype(np.uint16) * 2 // 5).astype(np.uint8)  # darkened, still see-through
+        for i, text in enumerate(rows):
+            y = 4 + line_h * (i + 1) - 4
+            if y > panel_h:
+                break
+            cv2.putText(canvas_rgb_u8, text, (6, y), font, self.text_scale, (255, 255, 255),
+                        self._text_thickness, cv2.LINE_AA)
+
+    def _text(self, canvas_rgb_u8: np.ndarray, text: str, org: tuple[int, int], color: tuple[int, int, int]) -> None:
+        font = cv2.FONT_HERSHEY_SIMPLEX
+        (_, text_h), _ = cv2.getTextSize(text, font, self.text_scale, self._text_thickness)
+        x, y = org
+        cv2.putText(canvas_rgb_u8, text, (x, y + text_h), font, self.text_scale, (0, 0, 0),
+                    self._text_thickness + 2, cv2.LINE_AA)
+        cv2.putText(canvas_rgb_u8, text, (x, y + text_h), font, self.text_scale, color,
+                    self._text_thickness, cv2.LINE_AA)
+
+
+def _pixel(point_xy: np.ndarray, width: int, height: int) -> tuple[int, int]:
+    """A point as OpenCV wants it: ints, kept within a margin of the picture (a line at the edge
+    stays visible)."""
+    x = int(np.clip(np.rint(point_xy[0]), 0, width - 1))
+    y = int(np.clip(np.rint(point_xy[1]), 0, height - 1))
+    return x, y
+
 
 @dataclass(frozen=True)
 class AnnotateConfig:
@@ -197,6 +302,8 @@ def make_annotator(config: AnnotateConfig) -> Annotator:
     parts.append(BoxAnnotator(thickness=config.box_thickness))
     if config.text_scale > 0:
         parts.append(LabelAnnotator(config.text_scale, config.show_score, config.show_track_id))
+    # Draws only when a frame carries an analytics overlay (lines or zones are configured).
+    parts.append(AnalyticsAnnotator(config.box_thickness, config.text_scale or 0.5))
     return AnnotatorChain(parts)
 
 

@@ -321,3 +321,37 @@ def test_points_in_polygons_with_padding_and_a_concave_shape() -> None:
 def test_self_intersection() -> None:
     assert polygon_self_intersects(np.array([[0, 0], [10, 10], [10, 0], [0, 10]], float))
     assert not polygon_self_intersects(np.array([[0, 0], [10, 0], [10, 10], [0, 10]], float))
+
+
+# --- drawing ---------------------------------------------------------------------------------
+
+
+def test_the_annotated_picture_shows_the_line_its_in_arrow_the_zone_and_the_counters() -> None:
+    from stages.annotate import LINE_RGB, ZONE_RGB, AnnotateConfig, make_annotator
+
+    run = Run(zones=(BAY,), **road_line())
+    for t in range(8):
+        overlay = run.frame([(1, box_at(700, 200 + 30 * t), 2)])
+    annotator = make_annotator(AnnotateConfig())
+    scene = np.full((H, W, 3), 90, dtype=np.uint8)
+    picture = annotator.annotate(scene, None, CLASS_NAMES, overlay)
+    assert (scene == 90).all()  # drawn on a copy
+
+    def has(color: tuple[int, int, int], region: np.ndarray) -> bool:
+        return bool((np.abs(region.astype(int) - color).sum(axis=2) < 30).any())
+
+    assert has(LINE_RGB, picture[298:303, 600:900])  # the line itself, across the picture
+    # The `in` arrow (A→B points right, so `in` points down): across the line at its middle,
+    # its head and its "in" label below it.
+
+    def count(color: tuple[int, int, int], region: np.ndarray) -> int:
+        return int((np.abs(region.astype(int) - color).sum(axis=2) < 30).sum())
+
+    below, above = count(LINE_RGB, picture[304:340, 440:520]), count(LINE_RGB, picture[260:296, 440:520])
+    assert above > 0 and below > 2 * above
+    assert has(ZONE_RGB, picture[99:102, 150:450])  # the zone's top edge
+    # The counter panel: darkened top-left corner with white text.
+    panel = picture[:40, :200]
+    assert (panel < 90).any() and (panel > 200).all(axis=2).any()
+    no_overlay = annotator.annotate(scene, None, CLASS_NAMES)
+    assert (no_overlay == 90).all()

@@ -231,7 +231,7 @@ def test_label_caption_text() -> None:
     labels = LabelAnnotator()
     assert labels.caption(2, 0.912, 5, CLASS_NAMES) == "car 0.91 #5"
     assert labels.caption(0, 0.4, -1, CLASS_NAMES) == "person 0.40"
-    assert labels.caption(99, 0.5, 3, CLASS_NAMES) == "class 99 0.50 #3"
+    assert labels.caption(99, 0.5, 3, CLASS_NAMES) == "class_99 0.50 #3"  # stages.events.label_for
     assert LabelAnnotator(show_score=False, show_track_id=False).caption(2, 0.9, 5, CLASS_NAMES) == "car"
 
 

@@ -233,7 +233,7 @@ class RtspPublishSink(StageBase[FramePacket]):
             self._size = _even_size(picture)
         if self.config.annotate and self._annotator is not None and item.detections is not None:
             # annotate() draws on a copy: the packet's picture is shared with the other sinks.
-            picture = self._annotator.annotate(picture, item.detections, self.class_names)
+            picture = self._annotator.annotate(picture, item.detections, self.class_names, item.analytics)
         return self._fit(picture)
 
     def _fit(self, picture: np.ndarray) -> np.ndarray:

@@ -168,7 +168,7 @@ class VideoFileSink(StageBase[FramePacket]):
         if self._size is None:
             self._size = size
         if self.config.annotate and self._annotator is not None and item.detections is not None:
-            picture = self._annotator.annotate(picture, item.detections, self.class_names)
+            picture = self._annotator.annotate(picture, item.detections, self.class_names, item.analytics)
         if size != self._size:
             # A camera that came back at another resolution: an MP4 stream has one size, so
             # later pictures are scaled to the first one (after drawing, in their own pixels).
