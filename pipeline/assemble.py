@@ -62,6 +62,7 @@ class AssembledPipeline:
         model: the model file's facts, read once in the check phase; the sinks' labels and
             the backend's class names both come from it.
         backend: which backend runs it and why (the CLI's start-up line).
+        stages: every stage, in pipeline order (sources, processors, sinks).
     """
 
     pipeline: Pipeline
@@ -70,7 +71,7 @@ class AssembledPipeline:
     model: ModelInfo
     backend: BackendChoice
     outputs: list[str] = field(default_factory=list)
-    counted: Sequence[Any] = ()
+    stages: Sequence[Any] = ()
 
     def total_frames(self) -> int | None:
         """Frames expected from all sources, when every source is a file that knows its length."""
@@ -85,7 +86,9 @@ class AssembledPipeline:
         """The pipeline's metrics with the counters of the stages that keep their own
         (live sources: outages, reconnects; ZeroMQ and RTSP sinks: drops, bytes)."""
         counters: dict[str, dict[str, int | float | bool]] = {}
-        for stage in self.counted:
+        for stage in self.stages:
+            if not isinstance(stage, (LiveSource, ZmqEventSink, RtspPublishSink)):
+                continue
             stats = stage.stats()
             values = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
             counters[stage.name] = {
@@ -171,7 +174,6 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
         join_timeout_s=3.0,
         thread_nice=nice_all_but_inference([*sources, *processors, *sinks]) if not live else None,
     )
-    counted = [s for s in [*sources, *sinks] if isinstance(s, (LiveSource, ZmqEventSink, RtspPublishSink))]
     return AssembledPipeline(
         pipeline=pipeline,
         sources=sources,
@@ -179,7 +181,7 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
         model=prepared.info,
         backend=prepared.choice,
         outputs=outputs,
-        counted=counted,
+        stages=[*sources, *processors, *sinks],
     )
 
 

@@ -22,8 +22,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, main
-from tests.conftest import FIXTURES, MEDIA, REPO
+from pipeline.cli import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_OK, main
+from tests.conftest import FIXTURES, REPO
 
 CHECKPOINT = FIXTURES / "dfine_n_calibrated" / "dfine_n_calibrated.pth"
 
@@ -241,67 +241,7 @@ def test_sigint_leaves_playable_video_matching_jsonl(tmp_path: Path, onnx_cache:
     assert video_frames == len(lines)
 
 
-def make_audio_only(path: Path) -> Path:
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream("pcm_s16le", rate=8000)
-        samples = (np.sin(np.arange(8000) / 8000 * 2 * np.pi * 440) * 10000).astype(np.int16)
-        frame = av.AudioFrame.from_ndarray(samples[None, :], format="s16", layout="mono")
-        frame.rate = 8000
-        for packet in stream.encode(frame):
-            container.mux(packet)
-        for packet in stream.encode(None):
-            container.mux(packet)
-    return path
-
-
-@pytest.mark.parametrize(
-    ("case", "expected_code", "expected_text"),
-    [
-        ("missing file", EXIT_USAGE, "not found"),
-        ("empty file", EXIT_FAILED, "empty"),
-        ("not a video", EXIT_FAILED, ""),
-        ("audio only", EXIT_FAILED, "video"),
-        ("bad config key", EXIT_USAGE, "model.treshold: unknown key"),
-        ("wrong model file", EXIT_FAILED, "checkpoint"),
-        ("checkpoint of another size", EXIT_FAILED, "D-FINE-N"),
-        ("not an onnx file", EXIT_USAGE, "onnx"),
-    ],
-)
-def test_bad_input_is_one_line_and_nonzero(case: str, expected_code: int, expected_text: str,
-                                           tmp_path: Path, media_dir: Path) -> None:
-    clip = media_dir / "cars_320x240_mjpeg.avi"
-    args = ["run", "--no-progress", "--source", str(clip), "--model", str(CHECKPOINT),
-            "--size", "n", "--backend", "torch", "--imgsz", "320", "--jsonl", str(tmp_path / "o.jsonl")]
-    if case == "missing file":
-        args[args.index(str(clip))] = str(tmp_path / "nope.mp4")
-    elif case == "empty file":
-        (tmp_path / "empty.mp4").write_bytes(b"")
-        args[args.index(str(clip))] = str(tmp_path / "empty.mp4")
-    elif case == "not a video":
-        (tmp_path / "notes.mp4").write_text("these are not frames\n" * 100)
-        args[args.index(str(clip))] = str(tmp_path / "notes.mp4")
-    elif case == "audio only":
-        args[args.index(str(clip))] = str(make_audio_only(tmp_path / "tone.wav"))
-    elif case == "bad config key":
-        config = tmp_path / "bad.yaml"
-        config.write_text(yaml.safe_dump({"model": {"treshold": 0.3}}))
-        args.insert(1, str(config))
-    elif case == "wrong model file":
-        (tmp_path / "weights.pth").write_text("not a checkpoint")
-        args[args.index(str(CHECKPOINT))] = str(tmp_path / "weights.pth")
-    elif case == "checkpoint of another size":
-        args[args.index("n")] = "s"
-    elif case == "not an onnx file":
-        (tmp_path / "model.onnx").write_text("not a graph")
-        args[args.index(str(CHECKPOINT))] = str(tmp_path / "model.onnx")
-        args[args.index("torch")] = "onnxruntime"
-    proc = run_subprocess(args)
-    _, stderr = proc.communicate(timeout=120)
-    assert proc.returncode == expected_code, stderr[-2000:]
-    errors = error_lines(stderr)
-    assert len(errors) == 1, stderr[-2000:]
-    assert expected_text.lower() in errors[0].lower()
-    assert "Traceback" not in stderr
+# Bad input (refused before anything starts, exit 2): tests/test_bad_input.py.
 
 
 def test_truncated_file_keeps_what_decodes_and_says_what_was_lost(tmp_path: Path,

@@ -10,11 +10,15 @@ import pytest
 import yaml
 
 from pipeline.config import AppConfig, CliOverrides, apply_overrides, load_config
-from pipeline.schema import ConfigError, to_dict
+from pipeline.schema import ConfigError, from_dict, to_dict
 from stages.infer import Backend
+from stages.sinks.mot import MotSinkConfig
+from stages.sinks.rtsp_publish import RtspPublishConfig
+from stages.sinks.zmq_events import ZmqSinkConfig
 from tests.conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+# train_*.yaml configure the trainer (pipeline/train_cli.py), not a run.
+CONFIGS = sorted(p for p in (REPO / "configs").glob("*.yaml") if not p.name.startswith("train_"))
 
 
 def keys(tree: Any, prefix: str = "") -> set[str]:
@@ -86,3 +90,32 @@ def test_source_needs_exactly_one_kind() -> None:
     with pytest.raises(ConfigError, match="exactly one"):
         from_dict(AppConfig, {"sources": [{}]})
     assert dataclasses.is_dataclass(SourceConfig)
+
+
+def test_a_cli_flag_sets_one_key_and_keeps_the_rest_of_its_section() -> None:
+    config = load_config(REPO / "configs" / "demo.yaml")
+    assert config.outputs.video is not None and config.outputs.video.annotation.trail_length == 20
+    video = dataclasses.replace(config.outputs.video, crf=30, preset="medium")
+    zmq_config = from_dict(ZmqSinkConfig, {"endpoint": "tcp://127.0.0.1:1", "sndhwm": 7})
+    rtsp_config = from_dict(RtspPublishConfig, {"url": "rtsp://127.0.0.1:1/a", "bitrate_kbps": 900})
+    config = dataclasses.replace(config, outputs=dataclasses.replace(
+        config.outputs, video=video, zmq=zmq_config, rtsp=rtsp_config))
+    changed = apply_overrides(config, CliOverrides(
+        video=Path("x.mp4"), jsonl=Path("x.jsonl"), zmq="tcp://127.0.0.1:2",
+        publish="rtsp://127.0.0.1:2/b"))
+    out = changed.outputs
+    assert out.video == dataclasses.replace(video, path="x.mp4")  # trail, crf, preset kept
+    assert out.jsonl == dataclasses.replace(config.outputs.jsonl, path="x.jsonl")
+    assert out.zmq == dataclasses.replace(zmq_config, endpoint="tcp://127.0.0.1:2")
+    assert out.rtsp == dataclasses.replace(rtsp_config, url="rtsp://127.0.0.1:2/b")
+    assert out.mot == config.outputs.mot
+    # A section the config lacks is made with its defaults.
+    bare = apply_overrides(AppConfig(), CliOverrides(mot=Path("t.txt")))
+    assert bare.outputs.mot == MotSinkConfig(path="t.txt")
+
+
+def test_a_url_with_an_unknown_scheme_is_refused() -> None:
+    with pytest.raises(ConfigError, match="unknown URL scheme 'ftp'"):
+        apply_overrides(AppConfig(), CliOverrides(sources=("ftp://cam/x",)))
+    with pytest.raises(ConfigError, match="unknown URL scheme"):
+        from_dict(AppConfig, {"sources": [{"live": {"url": "gopher://cam"}}]})
