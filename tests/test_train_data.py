@@ -4,6 +4,8 @@ COCO ground truth through a real evaluator. Every dataset is written here, in tm
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import albumentations as A
@@ -484,6 +486,25 @@ def test_batches_do_not_depend_on_workers_and_skip_batches_continues_the_epoch(s
     ids = [[int(t["image_id"]) for t in batch[1]] for batch in serial]
     other_ids = [[int(t["image_id"]) for t in batch[1]] for batch in other]
     assert ids != other_ids
+
+
+FORK_CHECK = """
+import sys
+from pathlib import Path
+from dfine.train.data import DetectionDataset, load_dataset, make_loader
+spec = load_dataset(Path(sys.argv[1]), val_fraction=0.0)
+dataset = DetectionDataset(spec.train, 320, augment=True, seed=0)
+for workers in (0, 2):  # OpenCV's pool runs in this process first, then workers fork from it
+    assert len(list(make_loader(dataset, 8, workers, seed=0, epoch=0, shuffle=True))) == 4
+"""
+
+
+def test_workers_fork_safely_after_the_main_process_augmented(tmp_path: Path) -> None:
+    # A worker that reconfigures OpenCV's threads after the fork hangs forever: run it aside.
+    path = make_synthetic_dataset(tmp_path, 32, size=320, seed=2)
+    result = subprocess.run([sys.executable, "-c", FORK_CHECK, str(path)], capture_output=True, text=True,
+                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_unshuffled_loader_keeps_every_sample_in_order(synthetic_spec) -> None:

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator, Sequence
 
-import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -191,10 +190,10 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
 
 
 def _worker_init(worker_id: int) -> None:
-    # Each worker is one process on one core: extra intra-op threads (torch's, OpenCV's, which
-    # albumentations calls) only contend with the training step for the same cores.
+    # Each worker is one process on one core: extra intra-op threads only contend with the
+    # training step for the same cores. (Not cv2.setNumThreads: in a forked child whose parent
+    # already ran OpenCV's thread pool it deadlocks.)
     torch.set_num_threads(1)
-    cv2.setNumThreads(1)
 
 
 def make_loader(dataset: DetectionDataset, batch_size: int, workers: int, seed: int, epoch: int,
