@@ -19,6 +19,7 @@ converted to float32 ``[0, 1]`` at the end.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -194,6 +195,9 @@ def _worker_init(worker_id: int) -> None:
     # training step for the same cores. (Not cv2.setNumThreads: in a forked child whose parent
     # already ran OpenCV's thread pool it deadlocks.)
     torch.set_num_threads(1)
+    # Ctrl-C reaches the whole process group: the trainer finishes its step and saves, so the
+    # workers must keep serving instead of dying under it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset: DetectionDataset, batch_size: int, workers: int, seed: int, epoch: int,
