@@ -288,7 +288,7 @@ def _coco_samples(
     for entry in annotations:
         ann_id = entry.get("id", "?")
         image_id = entry.get("image_id")
-        if image_id not in records:
+        if not isinstance(image_id, int) or image_id not in records:
             raise DatasetError(f"{path}: annotation {ann_id} refers to image id {image_id!r}, which is not in "
                                "'images'; add the image or delete the annotation")
         record = records[image_id]
@@ -297,8 +297,10 @@ def _coco_samples(
             skipped_crowd += 1
             continue
         cat_id = entry.get("category_id")
-        if cat_id not in label_of:
-            raise DatasetError(f"{where}: unknown category id {cat_id!r} (known: {sorted(label_of)}); "
+        if not isinstance(cat_id, int) or isinstance(cat_id, bool) or cat_id not in label_of:
+            known = sorted(label_of)
+            listed = ", ".join(map(str, known[:12])) + (", ..." if len(known) > 12 else "")
+            raise DatasetError(f"{where}: unknown category id {cat_id!r} (known: {listed}); "
                                "add it to 'categories' or fix the annotation")
         bbox = entry.get("bbox")
         if (not isinstance(bbox, list) or len(bbox) != 4
