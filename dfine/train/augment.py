@@ -276,7 +276,8 @@ class ResizeAntialias(A.DualTransform):
             return img
         # PIL itself (what torchvision's Resize runs on the official PIL pictures): single-threaded,
         # so data workers do not fight the training step for cores the way torch's kernel does.
-        return np.asarray(Image.fromarray(np.ascontiguousarray(img)).resize((self.size, self.size), Image.BILINEAR))
+        picture = Image.fromarray(np.ascontiguousarray(img))
+        return np.asarray(picture.resize((self.size, self.size), Image.Resampling.BILINEAR))
 
     def apply_to_bboxes(self, bboxes: np.ndarray, **params: Any) -> np.ndarray:
         return bboxes

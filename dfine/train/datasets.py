@@ -490,7 +490,8 @@ def to_coco_ground_truth(samples: Sequence[Sample], class_names: Sequence[str]) 
     Category ids are the contiguous labels ``0..N-1``, image ids are ``Sample.image_id``, boxes
     ``[x, y, w, h]`` in source pixels with ``area = w * h`` (no masks), ``iscrowd`` 0.
     """
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for sample in samples:
         images.append({"id": int(sample.image_id), "file_name": sample.image_path.name,
                        "width": int(sample.width), "height": int(sample.height)})

@@ -20,6 +20,7 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -78,6 +79,7 @@ def _shape_mask(shape: str, side: int, rng: np.random.Generator) -> np.ndarray:
         cv2.circle(mask, (int(round(c)), int(round(c))), max(1, int(r) - 1), 1, -1)
         cv2.circle(mask, (int(round(c)), int(round(c))), max(1, int(r * 0.5)), 0, -1)
     else:
+        points: list[tuple[float, float]]
         if shape == "square":
             points = [(-1, -1), (1, -1), (1, 1), (-1, 1)]
             scale, turn = 0.95, rng.uniform(-0.3, 0.3)
@@ -166,7 +168,8 @@ def make_synthetic_dataset(out_dir: Path, num_images: int, num_classes: int = 3,
     image_dir = out_dir / "images"
     image_dir.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    images, annotations = [], []
+    images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for index in range(num_images):
         picture, objects = _draw_image(rng, size, num_classes, max_objects)
         file_name = f"images/{index:05d}.jpg"
