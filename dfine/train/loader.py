@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -42,9 +43,9 @@ def _derived_seed(*entropy: int) -> int:
     return int(np.random.SeedSequence([int(e) for e in entropy]).generate_state(1)[0])
 
 
-def read_rgb(path: str | bytes | object) -> np.ndarray:
+def read_rgb(path: Path) -> np.ndarray:
     """The picture at ``path`` as uint8 RGB ``(H, W, 3)``, pixels as stored (no EXIF rotation)."""
-    with Image.open(path) as image:  # type: ignore[arg-type]
+    with Image.open(path) as image:
         return np.asarray(image.convert("RGB"))
 
 
@@ -227,6 +228,9 @@ def make_loader(dataset: DetectionDataset, batch_size: int, workers: int, seed: 
     collate = collate_batch
     if multiscale and (dataset.stop_epoch is None or epoch < dataset.stop_epoch):
         collate = MultiScaleCollate(multiscale_sizes(dataset.imgsz), seed, epoch)
+    logger.debug("epoch %d: batches %d..%d of %d, %s, %d workers, %s", epoch, skip_batches,
+                 sampler.batches_per_epoch(), sampler.batches_per_epoch(), dataset.policy.value, workers,
+                 "multi-scale" if collate is not collate_batch else "one scale")
     return torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
         pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init if workers else None,
