@@ -287,6 +287,29 @@ def test_yolo_data_yaml_round_trip_matches_the_coco_set(tmp_path: Path) -> None:
     assert len(set(ids)) == len(ids)
 
 
+def test_yolo_image_lists_absolute_root_and_class_count(tmp_path: Path) -> None:
+    for name in ("a", "b", "c"):
+        _write_image(tmp_path / "set" / "images" / f"{name}.png", 40, 30)
+    (tmp_path / "set" / "labels").mkdir()
+    (tmp_path / "set" / "labels" / "b.txt").write_text("1 0.5 0.5 0.5 0.5\n\n0 0.25 0.25 0.1 0.2\n")
+    (tmp_path / "set" / "train.txt").write_text("./images/a.png\n./images/b.png\n")
+    (tmp_path / "set" / "val.txt").write_text(f"{tmp_path / 'set' / 'images' / 'c.png'}\n")
+    path = tmp_path / "elsewhere" / "data.yaml"
+    path.parent.mkdir()
+    content = {"path": str(tmp_path / "set"), "train": "train.txt", "val": "val.txt", "names": ["x", "y"]}
+    path.write_text(yaml.safe_dump(content))
+    spec = load_dataset(path)
+    assert [s.image_path.name for s in spec.train] == ["a.png", "b.png"] and spec.val[0].image_path.name == "c.png"
+    np.testing.assert_allclose(spec.train[1].boxes_xyxy, [[10, 7.5, 30, 22.5], [8, 4.5, 12, 10.5]], atol=1e-4)
+    assert spec.train[1].labels.tolist() == [1, 0] and len(spec.train[0].labels) == 0
+    path.write_text(yaml.safe_dump({**content, "nc": 3}))
+    with pytest.raises(DatasetError, match="nc=3"):
+        load_dataset(path)
+    path.write_text(yaml.safe_dump({**content, "train": "missing/"}))
+    with pytest.raises(DatasetError, match="missing/"):
+        load_dataset(path)
+
+
 def test_yolo_names_dict_must_be_contiguous(tmp_path: Path) -> None:
     path = _yolo_root(tmp_path, "0 0.5 0.5 0.2 0.2\n", names={0: "a", 2: "b"})
     with pytest.raises(DatasetError, match="renumber"):
