@@ -303,9 +303,6 @@ def _configure_logging(verbosity: int) -> None:
         else "%(asctime)s %(threadName)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )
-    # FFmpeg's own messages (a decoder complaining about one damaged packet) are said in our
-    # words by the stage concerned; FFmpeg's are shown only when debugging.
-    logging.getLogger("libav").setLevel(logging.DEBUG if verbosity >= 2 else logging.CRITICAL)
 
 
 def _error(message: str) -> None:

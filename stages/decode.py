@@ -23,7 +23,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import av
-import av.logging
 import numpy as np
 
 from pipeline.stage import StageBase
@@ -33,11 +32,12 @@ logger = logging.getLogger(__name__)
 
 # FFmpeg and GStreamer assume 25 fps for streams that carry no rate (raw Annex B).
 _FALLBACK_FRAME_RATE = 25.0
-# What FFmpeg's demuxers say when the data ends inside a packet or element. Matroska drops the
-# cut block without an error code, so its log line is the only evidence of a truncated WebM/MKV;
-# MP4 flags the partial packet as corrupt too. Frame-count estimates are not evidence: for many
-# complete files (VFR, odd durations, raw streams) they are simply wrong.
-_TRUNCATION_LOGS = ("file ended prematurely", "partial file", "packet corrupt")
+# A Matroska/WebM file cut mid-cluster ends without an error: the demuxer drops the partial
+# block silently (it only logs, and PyAV's logging is off: it can deadlock FFmpeg's threads).
+# Its Duration element, though, is written by the muxer when the file is finished, so a stream
+# that stops this far short of it was cut. (Frame-count estimates are no evidence: duration x
+# rate is wrong for every VFR file, and AVI/MP4 counts include dropped-frame gaps.)
+_MATROSKA_SHORT_S = 0.5
 
 
 class VideoSourceError(ValueError):
@@ -131,7 +131,7 @@ class FileSource(StageBase[FramePacket]):
         self._frame_rate = _FALLBACK_FRAME_RATE
         self._total_frames: int | None = None
         self._total_is_exact = False
-        self._evidence: list[str] = []  # FFmpeg's log lines that say the data ended early
+        self._evidence: list[str] = []  # why the file is judged cut short, if it is
         self.frames_decoded = 0
         self.frames_lost_estimate = 0
         self.truncation: str | None = None
@@ -180,7 +180,6 @@ class FileSource(StageBase[FramePacket]):
             raise VideoSourceError(f"video path is not a file: {path} (give a video file, not a folder)")
         if path.stat().st_size == 0:
             raise VideoSourceError(f"video file is empty (0 bytes): {path} (give a complete video file)")
-        _enable_ffmpeg_errors()
         # A fresh start (check() opened the file once before).
         self._evidence = []
         self._decode_errors = 0
@@ -280,6 +279,7 @@ class FileSource(StageBase[FramePacket]):
                     image_rgb_u8=image,
                     arrival_s=time.monotonic(),
                 )
+            self._check_matroska_end(last_pts_s)
             self._report_losses(repaired)
         finally:
             self.teardown()
@@ -302,37 +302,41 @@ class FileSource(StageBase[FramePacket]):
         assert self._container is not None and self._stream is not None
         packets = self._container.demux(self._stream)
         while True:
-            # local=True: only this thread's FFmpeg messages (the demuxer runs here; what the
-            # decoder's worker threads say goes to the ``libav`` loggers).
-            with av.logging.Capture(local=True) as logs:
-                try:
-                    packet = next(packets)
-                except StopIteration:
-                    return
-                except av.FFmpegError as exc:
-                    self._decode_errors += 1
-                    self._last_error = exc
-                    self._evidence.append(f"read error: {exc}")
-                    logger.debug("%s: read error, ending the stream: %s", self._path, exc)
-                    return
-                finally:
-                    self._note_evidence(logs)
-                if packet.is_corrupt and packet.size:
-                    self._evidence.append(f"packet at pts {packet.pts} is incomplete")
-                try:
-                    decoded = packet.decode()
-                except av.FFmpegError as exc:
-                    # A damaged or cut-off packet: skip it, later packets may decode.
-                    self._decode_errors += 1
-                    self._last_error = exc
-                    logger.debug("%s: packet at pts %s does not decode: %s", self._path, packet.pts, exc)
-                    continue
+            try:
+                packet = next(packets)
+            except StopIteration:
+                return
+            except av.FFmpegError as exc:
+                self._decode_errors += 1
+                self._last_error = exc
+                self._evidence.append(f"read error: {exc}")
+                logger.debug("%s: read error, ending the stream: %s", self._path, exc)
+                return
+            if packet.is_corrupt and packet.size:
+                # MP4 and others flag a packet whose data the file ends inside.
+                self._evidence.append(f"the data ends inside the packet at pts {packet.pts}")
+            try:
+                decoded = packet.decode()
+            except av.FFmpegError as exc:
+                # A damaged or cut-off packet: skip it, later packets may decode.
+                self._decode_errors += 1
+                self._last_error = exc
+                logger.debug("%s: packet at pts %s does not decode: %s", self._path, packet.pts, exc)
+                continue
             yield from decoded  # type: ignore[misc]
 
-    def _note_evidence(self, logs: list[tuple[int, str, str]]) -> None:
-        for _level, _name, message in logs:
-            if any(sign in message.lower() for sign in _TRUNCATION_LOGS):
-                self._evidence.append(message.strip())
+    def _check_matroska_end(self, last_pts_s: float | None) -> None:
+        container = self._container
+        if container is None or last_pts_s is None or "matroska" not in container.format.name:
+            return
+        if container.duration is None or container.duration <= 0:
+            return  # a live-written file states no duration
+        stated_s = container.duration / av.time_base
+        reached_s = last_pts_s + 1.0 / self._frame_rate  # pts_s counts from the stream's start
+        if stated_s - reached_s > max(_MATROSKA_SHORT_S, 0.05 * stated_s):
+            self._evidence.append(
+                f"the stream stops at {reached_s:.2f} s of the {stated_s:.2f} s its header states"
+            )
 
     def _report_losses(self, repaired: int) -> None:
         decoded = self.frames_decoded
@@ -360,15 +364,6 @@ class FileSource(StageBase[FramePacket]):
             )
 
 
-
-def _enable_ffmpeg_errors() -> None:
-    """Let FFmpeg's error messages reach PyAV, where ``_decode_all`` captures the demuxer's in
-    its own thread. PyAV keeps FFmpeg silent by default; without its messages a WebM cut
-    mid-block cannot be told from a complete one. Messages no capture takes go to the
-    ``libav`` Python loggers (the CLI shows them only with -vv)."""
-    level = av.logging.get_level()
-    if level is None or level < av.logging.ERROR:
-        av.logging.set_level(av.logging.ERROR)
 
 
 def _stream_rate(stream: av.VideoStream) -> float:
