@@ -4,6 +4,7 @@ COCO ground truth through a real evaluator. Every dataset is written here, in tm
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -527,6 +528,27 @@ def test_workers_fork_safely_after_the_main_process_augmented(tmp_path: Path) ->
     path = make_synthetic_dataset(tmp_path, 32, size=320, seed=2)
     result = subprocess.run([sys.executable, "-c", FORK_CHECK, str(path)], capture_output=True, text=True,
                             timeout=120, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr[-2000:]
+
+
+NETWORK_SPY = """
+import urllib.request
+calls = []
+real_open = urllib.request.OpenerDirector.open
+def spy(self, url, *args, **kwargs):
+    calls.append(getattr(url, "full_url", url))
+    raise OSError("no network in this check")
+urllib.request.OpenerDirector.open = spy
+import dfine.train.loader
+assert not calls, calls
+"""
+
+
+def test_importing_the_loader_asks_no_server_anything() -> None:
+    # albumentations checks pypi.org for updates on import unless told not to.
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    result = subprocess.run([sys.executable, "-W", "ignore", "-c", NETWORK_SPY], capture_output=True, text=True,
+                            timeout=120, env=env, cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr[-2000:]
 
 

@@ -45,8 +45,14 @@ seed through ``Compose.set_random_seed`` would do).
 from __future__ import annotations
 
 import enum
+import os
 import random
 from typing import Any
+
+# albumentations asks pypi.org for a newer version of itself on import: a network request on every
+# training run (and a 2 s stall where DNS hangs). Opt out unless the user chose otherwise. This is
+# the one global effect of importing this module, and it only concerns albumentations.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 
 import albumentations as A
 import numpy as np
