@@ -51,6 +51,7 @@ def _train(config: Path, data: Path, out: Path, *extra: str) -> subprocess.Popen
         [sys.executable, "-m", "pipeline.cli", "train", str(config), "--data", str(data), "--out", str(out),
          "--no-progress", *extra],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        start_new_session=True,  # its own process group, as a terminal's Ctrl-C sees it
     )
 
 
@@ -101,7 +102,7 @@ def test_resume_after_sigkill_and_sigint_continues_the_loss_curve(tmp_path: Path
 
     proc = _train(config, dataset, broken, "--resume")
     _wait_for_step(proc, broken, killed_at + 1)
-    proc.send_signal(signal.SIGINT)  # Ctrl-C: finish the step, write last.pth, exit 130
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C (trainer and loader workers): save, exit 130
     code, err = _finish(proc)
     if code == 0:  # the run reached its last step before the signal landed
         assert int(torch.load(broken / "last.pth", weights_only=True)["finestream"]["step"]) == 4
