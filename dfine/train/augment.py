@@ -10,9 +10,9 @@ boxes, so sanitising after every op removes the same boxes).
 How each official op (``configs/dfine/include/dataloader.yml``; torchvision ``transforms.v2``
 defaults) maps:
 
-=================================== =========================================================
+=================================== ==============================================================
 official                            here
-=================================== =========================================================
+=================================== ==============================================================
 RandomPhotometricDistort(p=0.5)     :class:`PhotometricDistort`: torchvision's algorithm
                                     (brightness 0.875-1.125, contrast 0.5-1.5 before or after
                                     saturation 0.5-1.5 and hue +-0.05, channel permutation; each
@@ -34,7 +34,10 @@ Resize([S, S])                      :class:`ResizeAntialias`: PIL's antialiased 
                                     so the model trains on the pictures it will see
 stop_epoch policy                   :class:`AugmentPolicy`: ``FULL`` before ``stop_epoch``,
                                     ``LATE`` (flip + resize) from it on, ``EVAL`` (resize only)
-=================================== =========================================================
+BatchImageCollateFuncion(scales)    ``loader.MultiScaleCollate``: one size per batch from
+                                    ``loader.multiscale_sizes`` (nearest, as the official), off
+                                    from ``stop_epoch`` on
+=================================== ==============================================================
 
 Randomness: each albumentations op normally owns a generator; :func:`reseed` points every op of a
 pipeline at one shared pair of generators seeded per sample, so a sample's augmentation is a pure
