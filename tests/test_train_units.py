@@ -215,3 +215,12 @@ def test_perfect_predictions_give_map_one_and_json_shape() -> None:
     assert sq.map50 == pytest.approx(1.0) and sq.map50_95 < 0.6
     assert {c.name: c for c in partly.per_class}["circle"].map50_95 == pytest.approx(1.0)
     assert coco_map(gt, [], names).map50_95 == 0.0
+
+
+def test_from_checkpoint_of_another_size_is_refused(tmp_path: Path, dfine_n: nn.Module) -> None:
+    import dfine
+
+    path = tmp_path / "n.pth"
+    torch.save({"model": dfine_n.state_dict()}, path)
+    with pytest.raises(dfine.CheckpointError, match="pass --size n"):
+        load_matching_weights(dfine.build_model("s", num_classes=3), path)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dfine.checkpoint import CheckpointError, extract_state_dict
+from dfine.checkpoint import CheckpointError, extract_state_dict, state_dict_signature
 
 logger = logging.getLogger(__name__)
 
@@ -187,6 +187,10 @@ def load_matching_weights(model: nn.Module, path: Path) -> list[str]:
                               f"({type(exc).__name__})") from exc
     state, entry = extract_state_dict(checkpoint, source)
     own = model.state_dict()
+    theirs, mine = state_dict_signature(state), state_dict_signature(own)
+    if theirs is not None and mine is not None and theirs.size_name() != mine.size_name():
+        raise CheckpointError(f"{source} holds {theirs.describe()}, but this run trains "
+                              f"{mine.describe()}; pass --size {theirs.size_name() or '?'} (or size: in the config)")
     fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     skipped = [k for k in own if k not in fitting]
     if not fitting:
