@@ -347,7 +347,7 @@ class Trainer:
                 stop = self._stop_requested or step >= total_steps
                 if due or stop or len(pending) >= _SYNC_EVERY:
                     flush()
-                    bar.update(batch_in_epoch, self._last_loss, lr)
+                bar.update(batch_in_epoch, self._last_loss, lr)  # the loss as of the last read
                 if (due or self._stop_requested) and not (step >= total_steps and batch_in_epoch >= batches_per_epoch):
                     self._save(self.last_path, step, epoch, batch_in_epoch, last_epoch=epoch - 1)
                     last_save_s = time.monotonic()
