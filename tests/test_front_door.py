@@ -157,6 +157,7 @@ def _matched(a: list[dict], b: list[dict], threshold: float) -> None:
         assert cost[rows, cols].max() <= 0.05, f"boxes differ by {cost[rows, cols].max():.3f} px"
 
 
+@pytest.mark.slow  # three runs, one ONNX export and torch on a CPU: about 90 s on 2 busy cores
 def test_default_backend_on_a_cpu_is_onnxruntime_cached_and_matches_torch(
     tmp_path: Path, fixtures_dir: Path, media_dir: Path
 ) -> None:
