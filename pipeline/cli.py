@@ -263,7 +263,6 @@ class _ProgressDisplay:
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from dfine.export import export_from_checkpoint
-
     from dfine.model_info import read_model_info
 
     info = read_model_info(args.checkpoint)  # one-line errors for a wrong file, before any work

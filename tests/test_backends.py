@@ -13,7 +13,6 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from matching import match_detections
 from onnx import TensorProto, helper
 
 import dfine
@@ -21,6 +20,7 @@ from dfine.backends.class_names import resolve_class_names
 from dfine.backends.onnx_backend import OnnxRuntimeBackend, num_classes_from_graph
 from dfine.backends.torch_backend import TorchBackend
 from dfine.export import export_onnx
+from matching import match_detections
 
 CALIBRATED = "dfine_n_calibrated"
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")

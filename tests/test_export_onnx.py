@@ -14,10 +14,10 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from matching import match_detections
 
 import dfine
 from dfine.export import DeployModel, export_from_checkpoint, export_onnx
+from matching import match_detections
 
 CKPT = "dfine_n_calibrated/dfine_n_calibrated.pth"
 

@@ -19,9 +19,9 @@ import torch
 
 import dfine
 from dfine.backends.onnx_backend import OnnxRuntimeBackend
+from dfine.model_info import ModelKind, model_kind
 from stages.decode import frame_to_rgb_u8
 from stages.frame import FramePacket
-from dfine.model_info import ModelKind, model_kind
 from stages.infer import (
     Backend,
     Device,
@@ -182,7 +182,9 @@ def test_untrained_model_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
     assert labels.shape == (1, 300)
 
 
-def test_checkpoint_for_onnxruntime_is_exported_once(checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_checkpoint_for_onnxruntime_is_exported_once(
+    checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = InferConfig(model=checkpoint, backend=Backend.ONNXRUNTIME, device=Device.CPU, imgsz=320,
                          onnx_cache_dir=tmp_path / "cache")
     first = make_backend(config)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from rtsp_server import RtspServer, free_port
 from stages.decode import VideoSourceError
 from stages.live import (
     LiveSource,
@@ -23,8 +24,6 @@ from stages.live import (
     ReconnectPolicy,
     RtspTransport,
 )
-
-from rtsp_server import RtspServer, free_port
 
 TRAFFIC = "traffic_highway_960x540.mp4"  # 960x540, 29.97 fps
 AERIAL = "aerial_crosswalk_640x640.mp4"  # 640x640, 23.976 fps

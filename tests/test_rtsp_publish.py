@@ -11,12 +11,11 @@ import av
 import numpy as np
 import pytest
 
+from rtsp_server import RtspServer, free_port
 from stages.annotate import PALETTE_RGB, AnnotateConfig
 from stages.decode import DecodeConfig, FileSource
 from stages.frame import Detections, FramePacket
 from stages.sinks.rtsp_publish import RtspPublishConfig, RtspPublishSink
-
-from rtsp_server import RtspServer, free_port
 
 pytestmark = pytest.mark.rtsp
 

@@ -24,8 +24,8 @@ from typing import IO
 import numpy as np
 
 from pipeline.stage import StageBase
-from stages.sinks.output_file import open_text_output
 from stages.frame import FramePacket
+from stages.sinks.output_file import open_text_output
 
 logger = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ time), shifted so the first written frame is at 0.
 
 The encoder opens lazily on the stream's fifth frame (or at teardown if there were fewer): the
 size comes from the first picture and, unless ``frame_rate`` is set, the nominal rate from the
-median step of the first timestamps, snapped to a standard rate (29.97, 25, …) within 1.5 %. x264 uses the rate for rate control; the MP4's timing comes from the
-timestamps.
+median step of the first timestamps, snapped to a standard rate (29.97, 25, …) within 1.5 %.
+x264 uses the rate for rate control; the MP4's timing comes from the timestamps.
 
 Odd sizes: yuv420p needs even width and height, so an odd dimension is padded by one pixel
 (the last column/row repeated), logged once. A frame whose ``pts_s`` is not after the last
