@@ -17,7 +17,7 @@ from onnx import TensorProto, helper
 
 import dfine
 from dfine.backends.class_names import resolve_class_names
-from dfine.backends.onnx_backend import OnnxRuntimeBackend, num_classes_from_graph
+from dfine.backends.onnx_backend import OnnxRuntimeBackend
 from dfine.backends.torch_backend import TorchBackend
 from dfine.export import export_onnx
 from matching import match_detections
@@ -105,8 +105,11 @@ def test_ort_reads_class_names_from_our_metadata(tmp_path: Path, fixtures_dir: P
     assert labels.shape == (1, 300)
 
 
-def test_num_classes_from_graph(official_onnx: Path) -> None:
-    assert num_classes_from_graph(official_onnx) == 80
+def test_class_count_of_the_official_export_is_read_from_its_graph(official_onnx: Path) -> None:
+    from dfine.model_info import ModelKind, read_model_info
+
+    info = read_model_info(official_onnx)  # no metadata: the count comes from the graph
+    assert info.kind is ModelKind.ONNX and info.num_classes == 80 and info.input_size_hw == (640, 640)
 
 
 def test_ort_refuses_wrong_inputs(ort_backend: OnnxRuntimeBackend) -> None:

@@ -214,20 +214,13 @@ def _input_size(
     return (int(given[0]), int(given[1]))
 
 
-def num_classes_from_graph(path: str | Path) -> int | None:
+def num_classes_from_model(model: onnx.ModelProto) -> int | None:
     """The class count of a deploy export, read from the shape of its final class scores.
 
     The postprocessor flattens the ``(B, Q, C)`` scores and takes a TopK over them; the last
     TopK whose input is (through Flatten/Reshape/Sigmoid) a rank-3 tensor gives ``C``.
     Returns ``None`` when no such pattern or no static ``C`` is found.
     """
-    import onnx
-
-    return num_classes_from_model(onnx.load(str(path), load_external_data=False))
-
-
-def num_classes_from_model(model: onnx.ModelProto) -> int | None:
-    """:func:`num_classes_from_graph` on a loaded model."""
     import onnx
 
     try:

@@ -120,9 +120,9 @@ class TorchBackend:
         """Build the network of ``size``, load ``path`` (raises ``dfine.CheckpointError`` on a
         wrong file) and wrap it."""
         import dfine
+        from dfine.checkpoint import build_and_load
 
-        model = dfine.build_model(size, num_classes=num_classes)
-        dfine.load_checkpoint(model, path)
+        model = build_and_load(size, num_classes, path)
         # Drop the decoder layers the output never reads (load first: strict keys need them).
         model.deploy()
         return cls(
