@@ -29,9 +29,10 @@ from dfine.model_info import ModelInfo
 from pipeline.config import AppConfig, SourceConfig
 from pipeline.metrics import PipelineMetrics
 from pipeline.ring_buffer import OverflowPolicy
-from pipeline.runner import BufferSpec, Pipeline
+from pipeline.runner import BufferSpec, EventChannel, Pipeline
 from pipeline.schema import ConfigError
 from pipeline.stage import Processor, Sink
+from stages.analytics.stage import AnalyticsStage
 from stages.decode import FileSource
 from stages.frame import FramePacket
 from stages.infer import (
@@ -154,14 +155,13 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
         # torch only resizes frames here; its default pool of one thread per core fights the
         # model's runtime for the cores (bench/RESULTS.md: 3-6 ms with 1 thread, 24-27 with 2).
         torch.set_num_threads(1)
-    processors = _make_processors(config, prepared)
+    # Every event (track, analytics, source lost/restored) reaches every output through this
+    # channel, also while no frames flow, and no buffer policy drops one.
+    events = EventChannel()
     class_names = list(prepared.info.class_names)
+    processors = _make_processors(config, prepared, class_names, events.publish)
     sinks, outputs = _make_sinks(config, class_names)
-    event_sink = next((s for s in sinks if isinstance(s, ZmqEventSink)), None)
-    # source_lost/restored go out over ZeroMQ at once, even while no frames flow.
-    # getattr: the sink may take them from the runner's event channel instead.
-    on_event = getattr(event_sink, "post_event", None)
-    sources = [_make_source(s, on_event) for s in config.sources]
+    sources = [_make_source(s, events.publish) for s in config.sources]
     if not sinks:
         logger.warning("no outputs configured: detections are computed but not saved "
                        "(add --output, --jsonl, --mot or --zmq)")
@@ -173,6 +173,7 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
         # exit that keeps "failure to exit" within 5 s.
         join_timeout_s=3.0,
         thread_nice=nice_all_but_inference([*sources, *processors, *sinks]) if not live else None,
+        events=events,
     )
     return AssembledPipeline(
         pipeline=pipeline,
@@ -217,7 +218,8 @@ def _make_source(
 
 
 def _make_processors(
-    config: AppConfig, prepared: PreparedModel
+    config: AppConfig, prepared: PreparedModel, class_names: list[str],
+    publish: Callable[[dict[str, Any]], None],
 ) -> list[Processor[FramePacket, FramePacket]]:
     model, info = prepared.config, prepared.info
     assert model.imgsz is not None  # settled by prepare_model
@@ -225,7 +227,16 @@ def _make_processors(
     infer = InferenceStage(model, lambda: make_backend(model, info))
     processors: list[Processor[FramePacket, FramePacket]] = [preprocess, infer]
     if config.track is not None:
-        processors.append(Tracker(config.track))
+        processors.append(Tracker(config.track, class_names, publish))
+    if config.analytics:
+        known = {s.stream_id for s in config.sources}
+        for i, item in enumerate(config.analytics):
+            if item.stream_id not in known:
+                raise ConfigError(f"analytics[{i}].stream_id: no source has stream_id "
+                                  f"{item.stream_id!r} (sources: {', '.join(sorted(known))})")
+        if config.track is None:
+            raise ConfigError("analytics: lines and zones count tracks; turn tracking on (remove 'track: null')")
+        processors.append(AnalyticsStage(config.analytics, class_names, publish))
     return processors
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.schema import ConfigError, from_dict
+from stages.analytics.config import StreamAnalyticsConfig
 from stages.decode import DecodeConfig
 from stages.infer import Backend, Device, InferConfig
 from stages.live import LiveSourceConfig
@@ -93,6 +94,8 @@ class AppConfig:
     track: TrackConfig | None = field(default_factory=TrackConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     buffers: BuffersConfig = field(default_factory=BuffersConfig)
+    # Counting lines and zones, one item per stream (stages/analytics/config.py); empty: off.
+    analytics: tuple[StreamAnalyticsConfig, ...] = ()
 
 
 @dataclass(frozen=True)
