@@ -85,10 +85,11 @@ class AssembledPipeline:
 
     def metrics(self) -> PipelineMetrics:
         """The pipeline's metrics with the counters of the stages that keep their own
-        (live sources: outages, reconnects; ZeroMQ and RTSP sinks: drops, bytes)."""
+        (live sources: outages, reconnects; ZeroMQ and RTSP sinks: drops, bytes; analytics:
+        counts per line, zone and class)."""
         counters: dict[str, dict[str, int | float | bool]] = {}
         for stage in self.stages:
-            if not isinstance(stage, (LiveSource, ZmqEventSink, RtspPublishSink)):
+            if not isinstance(stage, (LiveSource, ZmqEventSink, RtspPublishSink, AnalyticsStage)):
                 continue
             stats = stage.stats()
             values = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)

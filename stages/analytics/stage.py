@@ -12,12 +12,14 @@ default) is compared with its previous observation: see ``lines`` and ``zones`` 
 Points given as fractions of the frame are turned into pixels on the stream's first frame and
 again whenever its size changes (a camera reconnecting at another resolution).
 
-Thread: the analytics stage's own; nothing here is shared. ``totals()`` is for after the run.
+Thread: the analytics stage's own; ``stats()`` (the totals for the run's table and
+``--stats``) may be called from any thread, under the stage's lock.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
@@ -325,24 +327,53 @@ class AnalyticsStage(StageBase[FramePacket]):
         self._publish = publish
         self._streams = {c.stream_id: StreamAnalytics(c, class_names, publish) for c in configs}
         self._final: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()  # stats() from other threads
 
     def process(self, item: FramePacket) -> FramePacket:
         state = self._streams.get(item.stream_id)
         if state is not None:
-            item.analytics = state.update(item)
+            with self._lock:
+                item.analytics = state.update(item)
         return item
+
+    def stats(self) -> dict[str, int | float]:
+        """Totals now, flat for the run's table and ``--stats``: ``LINE.in``, ``LINE.in.LABEL``,
+        ``ZONE.entered``, ``ZONE.entered.LABEL``, ``ZONE.inside``, ``ZONE.loitering``,
+        ``ZONE.max_dwell_s``; prefixed ``STREAM:`` when several streams have analytics."""
+        out: dict[str, int | float] = {}
+        with self._lock:
+            for stream_id, state in self._streams.items():
+                prefix = f"{stream_id}:" if len(self._streams) > 1 else ""
+                for line in state.line_totals():
+                    name = prefix + line["line"]
+                    out[f"{name}.in"] = line["count_in"]
+                    out[f"{name}.out"] = line["count_out"]
+                    for c in line["by_class"]:
+                        out[f"{name}.in.{c['label']}"] = c["count_in"]
+                        out[f"{name}.out.{c['label']}"] = c["count_out"]
+                for zone in state.zone_totals():
+                    name = prefix + zone["zone"]
+                    out[f"{name}.entered"] = zone["entered"]
+                    out[f"{name}.inside"] = zone["occupancy"]
+                    out[f"{name}.loitering"] = zone["loitering"]
+                    out[f"{name}.max_dwell_s"] = zone["max_dwell_s"]
+                    for c in zone["by_class"]:
+                        out[f"{name}.entered.{c['label']}"] = c["entered"]
+        return out
 
     def on_event(self, event: Mapping[str, Any]) -> None:
         if event.get("type") != "track_ended":
             return
         state = self._streams.get(str(event.get("stream")))
         if state is not None:
-            state.end_track(int(event["track_id"]), int(event["frame"]), float(event["pts_s"]))
+            with self._lock:
+                state.end_track(int(event["track_id"]), int(event["frame"]), float(event["pts_s"]))
 
     def flush(self) -> Iterable[FramePacket]:
         """No packet held back; the final ``analytics_summary`` of every stream."""
         for stream_id, state in self._streams.items():
-            summary = state.summary_event(final=True)
+            with self._lock:
+                summary = state.summary_event(final=True)
             self._final[stream_id] = summary
             self._publish(summary)
         return ()
