@@ -164,6 +164,8 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     """
     path = Path(path)
     source = f"checkpoint {str(path)!r}"
+    if getattr(model, "deployed", False):  # DFINE.deploy() folded the norms its keys name
+        raise CheckpointError(f"cannot load {source}: the model is deployed; load it before calling deploy()")
     if not path.is_file():
         raise CheckpointError(f"{source} does not exist or is not a file")
     try:

@@ -127,10 +127,14 @@ class TransformerDecoder(nn.Module):
     def split_values(
         self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]
     ) -> list[torch.Tensor]:
-        """``(B, L, C)`` memory → per level ``(B, heads, C / heads, H_l * W_l)``."""
+        """``(B, L, C)`` memory → per level ``(B, heads, C / heads, H_l * W_l)``, contiguous.
+
+        Copied once here because every layer samples them, and grid_sample on a CPU is
+        markedly slower on strided maps.
+        """
         b, length, c = memory.shape
         value = memory.reshape(b, length, self.num_head, c // self.num_head).permute(0, 2, 3, 1)
-        return list(value.split([h * w for h, w in spatial_shapes], dim=-1))
+        return [v.contiguous() for v in value.split([h * w for h, w in spatial_shapes], dim=-1)]
 
 
 class DFineDecoder(nn.Module):

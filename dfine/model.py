@@ -13,7 +13,8 @@ the official outputs dict that the D-FINE criterion reads (see ``DFineDecoder.fo
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +24,10 @@ from torch import nn
 from dfine.decoder import DFineDecoder
 from dfine.denoising import DenoisingGroup
 from dfine.encoder import HybridEncoder
+from dfine.fuse import fuse_network
 from dfine.hgnetv2 import HGNetv2
+
+logger = logging.getLogger(__name__)
 
 INPUT_MULTIPLE = 32
 
@@ -93,6 +97,7 @@ class DFINE(nn.Module):
         self.encoder = encoder
         self.decoder = decoder
         self.size = size
+        self._deployed = False
 
     @property
     def num_classes(self) -> int:
@@ -128,13 +133,48 @@ class DFINE(nn.Module):
             )
         return self.decoder(self.encoder(self.backbone(images)), targets, denoising)
 
+    @property
+    def deployed(self) -> bool:
+        """Whether ``deploy()`` has run (the network is then in its fused inference form)."""
+        return self._deployed
+
     def deploy(self) -> DFINE:
-        """Switch to eval mode and drop the decoder layers after ``eval_idx``, as the
-        official deploy conversion does. Load the checkpoint first: strict loading needs them.
+        """Turn the network into its inference form, in place; idempotent.
+
+        Eval mode; the decoder layers after ``eval_idx`` dropped (as the official deploy
+        conversion does); every BatchNorm folded into its conv, HGNetv2's learnable affines
+        folded likewise, each encoder RepVGG block merged into one 3x3 conv, and the stem's
+        2x2 max-pool computed from shifted views (see ``dfine.fuse``). Outputs equal the
+        training form's up to float32 rounding.
+
+        Load the checkpoint first: afterwards the state dict differs. The ``bn.*`` / ``norm.*``
+        keys are gone and each fused conv has a ``bias``; a ``ConvBNAct`` or ``ConvNorm`` at
+        ``P`` keeps ``P.conv.weight`` and gains ``P.conv.bias`` (a learnable affine's
+        ``P.lab.*`` are folded into them); an input projection ``...input_proj.i`` holds
+        ``...input_proj.i.conv.{weight,bias}``; a RepVGG block at ``P`` becomes
+        ``P.conv.{weight,bias}`` instead of ``P.conv1.*`` and ``P.conv2.*``; the dropped decoder
+        layers' keys are gone. Loading a training-form state dict into a deployed model is
+        refused (``ValueError``).
         """
         self.eval()
-        self.decoder.drop_unused_layers()
+        if not self._deployed:
+            self.decoder.drop_unused_layers()
+            fused = fuse_network(self)
+            # Channels-last convolutions are faster on CPUs (oneDNN's native layout) and on
+            # CUDA tensor cores; the input may stay contiguous: the first conv converts it.
+            self.to(memory_format=torch.channels_last)
+            self._deployed = True
+            logger.debug("deploy: %d units fused", fused)
         return self
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+        """``nn.Module.load_state_dict``; refuses a training-form state dict once deployed."""
+        if self._deployed and any(k.endswith(".running_mean") for k in state_dict):
+            raise ValueError(
+                "this D-FINE network is deployed (norms folded into the convs) and cannot load a "
+                "training-form state dict; load the checkpoint before calling deploy()"
+            )
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
 
 def build_model(size: str, num_classes: int = 80, num_denoising: int = 100) -> DFINE:
