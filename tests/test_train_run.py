@@ -156,3 +156,22 @@ def test_nan_loss_stops_with_step_term_and_last_good_checkpoint(tmp_path: Path, 
     good = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
     assert good["finestream"]["step"] == 1
     assert all(torch.isfinite(v).all() for v in good["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_takes_one_step_per_k_batches(tmp_path: Path, dataset: Path) -> None:
+    from dfine.train.datasets import load_dataset
+    from dfine.train.settings import CheckpointSettings, DataSettings, OptimSettings, TrainSettings
+    from dfine.train.trainer import Trainer
+
+    settings = TrainSettings(
+        size="n", epochs=1, max_steps=1, device="cpu", val_every=0, out=tmp_path / "run",
+        num_denoising=0, data=DataSettings(imgsz=256, batch=1, workers=0),
+        optim=OptimSettings(accumulate=2), checkpoint=CheckpointSettings(every_steps=0, every_s=0),
+    )
+    result = Trainer(settings, load_dataset(dataset, val_fraction=0.25)).fit()
+    assert result.steps == 1
+    ckpt = torch.load(tmp_path / "run" / "last.pth", weights_only=True)
+    assert ckpt["finestream"]["batch_in_epoch"] == 2  # two batches went into the one step
+    assert all(int(s["step"]) == 1 for s in ckpt["optimizer"]["state"].values())
+    assert len(_losses(tmp_path / "run")) == 1

@@ -302,6 +302,7 @@ class Trainer:
             epoch_sums.clear()
             epoch_count = 0
             accumulated = 0
+            step_terms = zero = torch.zeros((), device=self.device)
             optimizer.zero_grad(set_to_none=True)
             for images, targets in batches:
                 images = images.to(self.device, non_blocking=True)
@@ -313,7 +314,10 @@ class Trainer:
                     losses = criterion(_float32(outputs), targets)
                 if loss_names is None:
                     loss_names = sorted(losses)
-                terms = torch.stack([losses[k].detach().float() for k in loss_names])
+                # A term the first batch lacked is in the loss but not in the logs; one it has
+                # and a later batch lacks (no boxes to denoise, say) is logged as 0.
+                terms = torch.stack([losses[k].detach().float() if k in losses else zero for k in loss_names])
+                step_terms = terms if accumulated == 0 else step_terms + terms
                 loss = sum(losses.values()) / s.optim.accumulate
                 if scaler is not None:
                     scaler.scale(loss).backward()
@@ -340,7 +344,7 @@ class Trainer:
                 lr = float(optimizer.param_groups[-1]["lr"])
                 schedule.step()
                 step += 1
-                pending.append((step, epoch, terms, lr))
+                pending.append((step, epoch, step_terms / s.optim.accumulate, lr))
 
                 due = (s.checkpoint.every_steps and step % s.checkpoint.every_steps == 0) or (
                     s.checkpoint.every_s and time.monotonic() - last_save_s >= s.checkpoint.every_s)
