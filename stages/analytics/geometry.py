@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = [
+    "ClassFilter",
     "apply_homography",
     "homography_from_points",
     "points_in_polygons",
@@ -21,6 +22,28 @@ __all__ = [
     "segments_cross_lines",
     "signed_side",
 ]
+
+
+class ClassFilter:
+    """Which of K items (lines or zones) watch which class, as one table lookup per frame.
+
+    ``classes[k]`` is the class ids item k watches, or ``None`` for every class.
+    """
+
+    def __init__(self, classes: list[tuple[int, ...] | None]) -> None:
+        named = [c for item in classes if item is not None for c in item]
+        self._other = max(named, default=-1) + 1  # the row for every class no item names
+        self._table = np.zeros((self._other + 1, len(classes)), dtype=bool)
+        for k, item in enumerate(classes):
+            if item is None:
+                self._table[:, k] = True
+            else:
+                self._table[list(item), k] = True
+        self.trivial = all(item is None for item in classes)
+
+    def mask(self, class_ids: np.ndarray) -> np.ndarray:
+        """bool ``(T, K)``: item k watches the class of row t."""
+        return self._table[np.clip(class_ids, 0, self._other)]
 
 
 def signed_side(points_xy: np.ndarray, a_xy: np.ndarray, b_xy: np.ndarray) -> np.ndarray:
@@ -35,9 +58,11 @@ def signed_side(points_xy: np.ndarray, a_xy: np.ndarray, b_xy: np.ndarray) -> np
         right, 0 on the line.
     """
     d = (b_xy - a_xy).astype(np.float64)  # (L, 2)
-    rel = points_xy[:, None, :].astype(np.float64) - a_xy[None, :, :]  # (T, L, 2)
-    cross = d[None, :, 0] * rel[..., 1] - d[None, :, 1] * rel[..., 0]
-    return cross / np.hypot(d[:, 0], d[:, 1])[None, :]
+    unit = d / np.hypot(d[:, 0], d[:, 1])[:, None]
+    # cross(d, P - A) / |d| = ux * Py - uy * Px - (ux * Ay - uy * Ax): one (T, L) product each.
+    offset = unit[:, 0] * a_xy[:, 1] - unit[:, 1] * a_xy[:, 0]
+    pts = points_xy.astype(np.float64)
+    return pts[:, 1:2] * unit[:, 0] - pts[:, 0:1] * unit[:, 1] - offset
 
 
 def segments_cross_lines(
@@ -62,42 +87,59 @@ def segments_cross_lines(
     side1 = signed_side(p1_xy, a_xy, b_xy)
     right0 = side0 >= 0
     right1 = side1 >= 0
-    # The path's own line must separate A and B (or touch one of them).
-    r = (p1_xy - p0_xy).astype(np.float64)  # (T, 2)
-
-    def path_side(q_xy: np.ndarray) -> np.ndarray:
-        rel = q_xy[None, :, :] - p0_xy[:, None, :]  # (T, L, 2)
-        return r[:, None, 0] * rel[..., 1] - r[:, None, 1] * rel[..., 0]
-
-    on_segment = path_side(a_xy) * path_side(b_xy) <= 0
-    with np.errstate(invalid="ignore"):
-        crossed = (right0 != right1) & on_segment & np.isfinite(side0) & np.isfinite(side1)
-        t = np.where(crossed, side0 / np.where(crossed, side0 - side1, 1.0), np.nan)
-    point_xy = p0_xy[:, None, :] + t[..., None] * r[:, None, :]
+    # Only pairs whose infinite line separates P0 and P1 can cross; they are few in any frame,
+    # so the segment test runs on those pairs alone (NaN sides compare False: never a pair).
+    changed = (right0 != right1) & np.isfinite(side0) & np.isfinite(side1)
+    crossed = np.zeros_like(changed)
+    point_xy = np.full((*changed.shape, 2), np.nan)
+    t_idx, l_idx = np.nonzero(changed)
+    if len(t_idx):
+        p0, p1 = p0_xy[t_idx].astype(np.float64), p1_xy[t_idx].astype(np.float64)
+        a, b = a_xy[l_idx], b_xy[l_idx]
+        r = p1 - p0
+        side_a = r[:, 0] * (a[:, 1] - p0[:, 1]) - r[:, 1] * (a[:, 0] - p0[:, 0])
+        side_b = r[:, 0] * (b[:, 1] - p0[:, 1]) - r[:, 1] * (b[:, 0] - p0[:, 0])
+        # The path's own line must separate A and B (or touch one of them).
+        hit = side_a * side_b <= 0
+        s0, s1 = side0[t_idx, l_idx], side1[t_idx, l_idx]
+        t = s0 / (s0 - s1)
+        crossed[t_idx[hit], l_idx[hit]] = True
+        point_xy[t_idx[hit], l_idx[hit]] = (p0 + t[:, None] * r)[hit]
     return crossed, right1 & ~right0, point_xy, side1
 
 
-def points_in_polygons(points_xy: np.ndarray, vertices_xy: np.ndarray) -> np.ndarray:
+def points_in_polygons(
+    points_xy: np.ndarray, vertices_xy: np.ndarray, next_xy: np.ndarray | None = None
+) -> np.ndarray:
     """Even-odd test of every point against every polygon.
 
     Args:
         points_xy: float ``(P, 2)``.
         vertices_xy: float ``(Z, V, 2)``, each polygon's vertices in order; a polygon with
             fewer than V vertices repeats its last one (zero-length edges change nothing).
+        next_xy: ``np.roll(vertices_xy, -1, axis=1)`` (each edge's other end), if the caller
+            keeps it: saves recomputing it every frame.
 
     Returns:
         bool ``(P, Z)``. Points exactly on an edge may fall either side.
     """
-    e0 = vertices_xy[None, :, :, :]  # (1, Z, V, 2)
-    e1 = np.roll(vertices_xy, -1, axis=1)[None, :, :, :]
-    px = points_xy[:, None, None, 0]  # (P, 1, 1)
-    py = points_xy[:, None, None, 1]
-    y0, y1 = e0[..., 1], e1[..., 1]
-    straddles = (y0 > py) != (y1 > py)  # (P, Z, V)
-    dy = np.where(straddles, y1 - y0, 1.0)
-    x_at = e0[..., 0] + (py - y0) * (e1[..., 0] - e0[..., 0]) / dy
-    hits = straddles & (px < x_at)
-    return (np.count_nonzero(hits, axis=2) % 2) == 1
+    e1_all = np.roll(vertices_xy, -1, axis=1) if next_xy is None else next_xy
+    lo, hi = vertices_xy.min(axis=1), vertices_xy.max(axis=1)  # (Z, 2) bounding boxes
+    px, py = points_xy[:, None, 0], points_xy[:, None, 1]
+    # Most points are outside most zones' boxes: the edge test runs on the other pairs only.
+    near = (px >= lo[:, 0]) & (px <= hi[:, 0]) & (py >= lo[:, 1]) & (py <= hi[:, 1])
+    inside = np.zeros_like(near)
+    p_idx, z_idx = np.nonzero(near)
+    if len(p_idx):
+        e0, e1 = vertices_xy[z_idx], e1_all[z_idx]  # (k, V, 2)
+        qx, qy = points_xy[p_idx, 0][:, None], points_xy[p_idx, 1][:, None]  # (k, 1)
+        y0, y1 = e0[..., 1], e1[..., 1]
+        straddles = (y0 > qy) != (y1 > qy)
+        dy = np.where(straddles, y1 - y0, 1.0)
+        x_at = e0[..., 0] + (qy - y0) * (e1[..., 0] - e0[..., 0]) / dy
+        hits = np.count_nonzero(straddles & (qx < x_at), axis=1)
+        inside[p_idx, z_idx] = (hits % 2) == 1
+    return inside
 
 
 def polygon_self_intersects(vertices_xy: np.ndarray) -> bool:

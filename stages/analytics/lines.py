@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.analytics.config import LineConfig
-from stages.analytics.geometry import segments_cross_lines
+from stages.analytics.geometry import ClassFilter, segments_cross_lines
 
 __all__ = ["Crossing", "LineCounter"]
 
@@ -48,7 +48,7 @@ class LineCounter:
         self.a_xy = np.zeros((n, 2))
         self.b_xy = np.zeros((n, 2))
         self._rearm_px = np.array([line.rearm_distance_px for line in self.lines], dtype=np.float64)
-        self._classes = [None if line.classes is None else np.array(line.classes) for line in self.lines]
+        self._classes = ClassFilter([line.classes for line in self.lines])
         self._armed_in = np.ones((0, n), dtype=bool)
         self._armed_out = np.ones((0, n), dtype=bool)
         self.count_in = np.zeros(n, dtype=np.int64)
@@ -91,19 +91,23 @@ class LineCounter:
         if not self.lines or len(rows) == 0:
             return []
         crossed, into_right, point_xy, side1 = segments_cross_lines(prev_xy, cur_xy, self.a_xy, self.b_xy)
-        for line, classes in enumerate(self._classes):
-            if classes is not None:
-                crossed[:, line] &= np.isin(class_ids, classes)
+        if not self._classes.trivial:
+            crossed &= self._classes.mask(class_ids)
         armed_in = self._armed_in[rows]
         armed_out = self._armed_out[rows]
         counted = crossed & np.where(into_right, armed_in, armed_out)
-        armed_in &= ~counted
-        armed_out &= ~counted
-        far = np.abs(side1) >= self._rearm_px[None, :]
-        armed_out |= far & (side1 > 0)  # well on the right: it may now go out
-        armed_in |= far & (side1 < 0)
-        self._armed_in[rows] = armed_in
-        self._armed_out[rows] = armed_out
+        if counted.any():
+            armed_in &= ~counted
+            armed_out &= ~counted
+        # Re-arming only matters where a direction is disarmed (after a crossing): few pairs.
+        t_idx, l_idx = np.nonzero(~(armed_in & armed_out))
+        if len(t_idx):
+            side = side1[t_idx, l_idx]
+            far = np.abs(side) >= self._rearm_px[l_idx]
+            armed_out[t_idx, l_idx] |= far & (side > 0)  # well on the right: it may now go out
+            armed_in[t_idx, l_idx] |= far & (side < 0)
+            self._armed_in[rows] = armed_in
+            self._armed_out[rows] = armed_out
 
         found = []
         for index, line in zip(*np.nonzero(counted)):

@@ -123,6 +123,11 @@ class StreamAnalytics:
         self._last_frame = -1
         self._last_pts_s = 0.0
         self._next_summary_s: float | None = None
+        # The overlay changes only with an event (or a new frame size): most frames reuse it,
+        # and only the lines and zones an event touched are redrawn in it.
+        self._overlay: AnalyticsOverlay | None = None
+        self._dirty_lines: set[int] = set()
+        self._dirty_zones: set[int] = set()
 
     # --- per frame -------------------------------------------------------------------------
 
@@ -138,7 +143,8 @@ class StreamAnalytics:
             class_ids = det.class_ids[tracked]
             anchors = anchor_points(det.boxes_xyxy[tracked], self.config.anchor)
             finite = np.isfinite(anchors).all(axis=1)
-            track_ids, class_ids, anchors = track_ids[finite], class_ids[finite], anchors[finite]
+            if not finite.all():  # a broken box locates nothing
+                track_ids, class_ids, anchors = track_ids[finite], class_ids[finite], anchors[finite]
         else:
             track_ids = np.zeros(0, dtype=np.int64)
             class_ids = np.zeros(0, dtype=np.int64)
@@ -158,6 +164,7 @@ class StreamAnalytics:
         for crossing in self.lines.update(rows, class_ids, prev_xy, anchors):
             row = int(rows[crossing.index])
             line = crossing.line
+            self._dirty_lines.add(line)
             self._publish(line_crossed_event(
                 stream=stream, frame=frame, pts_s=pts_s, line=self.lines.lines[line].name,
                 direction="in" if crossing.into_right else "out", track_id=int(track_ids[crossing.index]),
@@ -185,7 +192,21 @@ class StreamAnalytics:
             elif pts_s >= self._next_summary_s:
                 self._publish(self.summary_event(final=False))
                 self._next_summary_s = pts_s + every
-        return self.overlay()
+        if self._overlay is None:
+            self._overlay = self.overlay()
+        elif self._dirty_lines or self._dirty_zones:
+            lines, zones = list(self._overlay.lines), list(self._overlay.zones)
+            for i in self._dirty_lines:
+                lines[i] = self._line_overlay(i)
+            if self._dirty_zones:
+                by_class = self._occupancy_by_class()
+                occupancy = self.zones.occupancy()
+                for i in self._dirty_zones:
+                    zones[i] = self._zone_overlay(i, int(occupancy[i]), by_class[i])
+            self._overlay = AnalyticsOverlay(lines=tuple(lines), zones=tuple(zones))
+        self._dirty_lines.clear()
+        self._dirty_zones.clear()
+        return self._overlay
 
     def end_track(self, track_id: int, frame: int, pts_s: float) -> None:
         """The tracker dropped ``track_id`` on ``frame``: it leaves its zones, its row is freed."""
@@ -213,8 +234,9 @@ class StreamAnalytics:
     def zone_totals(self) -> list[ZoneTotals]:
         totals = []
         z = self.zones
+        occupancy_by_class = self._occupancy_by_class()
         for i, zone in enumerate(z.zones):
-            inside = self._inside_by_class(i)
+            inside = occupancy_by_class[i]
             classes = sorted(set(z.entered_by_class[i]) | set(inside))
             by_class = [
                 ZoneClassCount(class_id=c, label=label_for(c, self.class_names),
@@ -235,38 +257,56 @@ class StreamAnalytics:
         )
 
     def overlay(self) -> AnalyticsOverlay:
-        lines = tuple(
-            LineOverlay(
-                name=t["line"],
-                a_xy=(float(self.lines.a_xy[i, 0]), float(self.lines.a_xy[i, 1])),
-                b_xy=(float(self.lines.b_xy[i, 0]), float(self.lines.b_xy[i, 1])),
-                count_in=t["count_in"], count_out=t["count_out"],
-                by_class=tuple((c["label"], c["count_in"], c["count_out"]) for c in t["by_class"]),
-            )
-            for i, t in enumerate(self.line_totals())
+        """The whole overlay, built afresh."""
+        occupancy = self.zones.occupancy()
+        by_class = self._occupancy_by_class()
+        return AnalyticsOverlay(
+            lines=tuple(self._line_overlay(i) for i in range(len(self.lines.lines))),
+            zones=tuple(self._zone_overlay(i, int(occupancy[i]), by_class[i])
+                        for i in range(len(self.zones.zones))),
         )
-        zones = tuple(
-            ZoneOverlay(
-                name=zone.name,
-                polygon_xy=tuple((float(x), float(y)) for x, y in self._polygons_px[i]),
-                occupancy=int(self.zones.occupancy()[i]),
-                entered=int(self.zones.entered[i]),
-                by_class=tuple((label_for(c, self.class_names), n)
-                               for c, n in sorted(self._inside_by_class(i).items())),
-            )
-            for i, zone in enumerate(self.zones.zones)
+
+    def _line_overlay(self, i: int) -> LineOverlay:
+        lines = self.lines
+        return LineOverlay(
+            name=lines.lines[i].name,
+            a_xy=(float(lines.a_xy[i, 0]), float(lines.a_xy[i, 1])),
+            b_xy=(float(lines.b_xy[i, 0]), float(lines.b_xy[i, 1])),
+            count_in=int(lines.count_in[i]), count_out=int(lines.count_out[i]),
+            by_class=tuple((label_for(c, self.class_names), n[0], n[1])
+                           for c, n in sorted(lines.by_class[i].items())),
         )
-        return AnalyticsOverlay(lines=lines, zones=zones)
+
+    def _zone_overlay(self, i: int, occupancy: int, inside_by_class: dict[int, int]) -> ZoneOverlay:
+        return ZoneOverlay(
+            name=self.zones.zones[i].name, polygon_xy=self._polygon_tuples[i], occupancy=occupancy,
+            entered=int(self.zones.entered[i]),
+            by_class=tuple((label_for(c, self.class_names), n) for c, n in sorted(inside_by_class.items())),
+        )
 
     # --- internals -------------------------------------------------------------------------
 
     def _inside_by_class(self, zone: int) -> dict[int, int]:
-        inside = self.zones.inside[: len(self._rows.class_id), zone]
-        classes, counts = np.unique(self._rows.class_id[: len(inside)][inside], return_counts=True)
-        return dict(zip(classes.tolist(), counts.tolist()))
+        return self._occupancy_by_class()[zone]
+
+    def _occupancy_by_class(self) -> list[dict[int, int]]:
+        """Per zone: class id -> tracks inside now (one bincount for every zone and class)."""
+        rows, zones = np.nonzero(self.zones.inside)
+        n_zones = len(self.zones.zones)
+        if len(rows) == 0:
+            return [{} for _ in range(n_zones)]
+        classes = self._rows.class_id[rows]
+        n_classes = int(classes.max()) + 1
+        counts = np.bincount(zones * n_classes + classes, minlength=n_zones * n_classes)
+        table = counts.reshape(n_zones, n_classes).tolist()
+        return [{c: n for c, n in enumerate(row) if n} for row in table]
 
     def _zone_events(self, entered: list[Visit], exited: list[Visit], reason: Any, frame: int,
                      pts_s: float) -> None:
+        if not entered and not exited:
+            return
+        self._dirty_zones.update(v.zone for v in entered)
+        self._dirty_zones.update(v.zone for v in exited)
         table = self._rows
         occupancy = self.zones.occupancy()
         for visit in entered:
@@ -293,7 +333,9 @@ class StreamAnalytics:
             np.array([line.a for line in lines], dtype=np.float64).reshape(-1, 2) * scale,
             np.array([line.b for line in lines], dtype=np.float64).reshape(-1, 2) * scale,
         )
+        self._overlay = None
         self._polygons_px = [np.array(zone.polygon, dtype=np.float64) * scale for zone in self.config.zones]
+        self._polygon_tuples = [tuple((float(x), float(y)) for x, y in p) for p in self._polygons_px]
         self.zones.set_geometry(self._polygons_px)
         if self.config.speed is not None:
             points = np.array(self.config.speed.image_points, dtype=np.float64) * scale

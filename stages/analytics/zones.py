@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stages.analytics.config import ZoneConfig
-from stages.analytics.geometry import points_in_polygons
+from stages.analytics.geometry import ClassFilter, points_in_polygons
 
 __all__ = ["Visit", "ZoneMonitor"]
 
@@ -42,7 +42,8 @@ class ZoneMonitor:
         self.zones = tuple(zones)
         n = len(self.zones)
         self.vertices_xy = np.zeros((n, 3, 2))
-        self._classes = [None if z.classes is None else np.array(z.classes) for z in self.zones]
+        self._next_xy = self.vertices_xy
+        self._classes = ClassFilter([z.classes for z in self.zones])
         self._loiter_s = np.array([np.inf if z.loiter_s is None else z.loiter_s for z in self.zones])
         self.inside = np.zeros((0, n), dtype=bool)
         self._enter_pts = np.zeros((0, n))
@@ -61,6 +62,7 @@ class ZoneMonitor:
         most = max(len(p) for p in polygons_xy)
         padded = [np.concatenate([p, np.repeat(p[-1:], most - len(p), axis=0)]) for p in polygons_xy]
         self.vertices_xy = np.stack(padded).astype(np.float64)
+        self._next_xy = np.roll(self.vertices_xy, -1, axis=1)
 
     def grow(self, rows: int) -> None:
         extra = rows - len(self.inside)
@@ -78,34 +80,33 @@ class ZoneMonitor:
         ``(T,)``, anchors float ``(T, 2)``) at stream time ``pts_s``."""
         if not self.zones or len(rows) == 0:
             return [], []
-        now_in = points_in_polygons(cur_xy, self.vertices_xy)
-        for zone, classes in enumerate(self._classes):
-            if classes is not None:
-                now_in[:, zone] &= np.isin(class_ids, classes)
+        now_in = points_in_polygons(cur_xy, self.vertices_xy, self._next_xy)
+        if not self._classes.trivial:
+            now_in &= self._classes.mask(class_ids)
         was_in = self.inside[rows]
-        entered = now_in & ~was_in
-        exited = was_in & ~now_in
-        enter_pts = self._enter_pts[rows]
-        enter_pts[entered] = pts_s
-        last_pts = self._last_pts[rows]
-        dwell = last_pts - enter_pts
-        last_pts[now_in] = pts_s
-        loitered = self._loitered[rows]
-        loitered[exited] = False
-        self.inside[rows] = now_in
-        self._enter_pts[rows] = enter_pts
-        self._last_pts[rows] = last_pts
-        self._loitered[rows] = loitered
-
-        ins = []
-        for index, zone in zip(*np.nonzero(entered)):
-            self.entered[zone] += 1
-            by_class = self.entered_by_class[zone]
-            class_id = int(class_ids[index])
-            by_class[class_id] = by_class.get(class_id, 0) + 1
-            ins.append(Visit(int(rows[index]), int(zone), 0.0))
-        outs = [self._exit(int(rows[index]), int(zone), float(dwell[index, zone]))
-                for index, zone in zip(*np.nonzero(exited))]
+        # Only pairs whose state changed are touched (few in any frame), and every pair inside
+        # gets its last-seen time.
+        t_idx, z_idx = np.nonzero(now_in != was_in)
+        ins: list[Visit] = []
+        outs: list[Visit] = []
+        if len(t_idx):
+            r_idx = rows[t_idx]
+            entering = now_in[t_idx, z_idx]
+            er, ez, et = r_idx[entering], z_idx[entering], t_idx[entering]
+            xr, xz = r_idx[~entering], z_idx[~entering]
+            self._enter_pts[er, ez] = pts_s
+            dwell = (self._last_pts[xr, xz] - self._enter_pts[xr, xz]).tolist()
+            self._loitered[xr, xz] = False
+            self.inside[r_idx, z_idx] = entering
+            for row, zone, index in zip(er.tolist(), ez.tolist(), et.tolist()):
+                self.entered[zone] += 1
+                by_class = self.entered_by_class[zone]
+                class_id = int(class_ids[index])
+                by_class[class_id] = by_class.get(class_id, 0) + 1
+                ins.append(Visit(row, zone, 0.0))
+            outs = [self._exit(row, zone, d) for row, zone, d in zip(xr.tolist(), xz.tolist(), dwell)]
+        in_t, in_z = np.nonzero(now_in)
+        self._last_pts[rows[in_t], in_z] = pts_s
         return ins, outs
 
     def loiterers(self, pts_s: float) -> list[Visit]:
