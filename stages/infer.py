@@ -248,6 +248,7 @@ def prepare_model(config: InferConfig, *, cuda_available: bool | None = None) ->
             or of another size or class count than ``config`` asks.
         ValueError: the backend cannot run it, ``imgsz`` does not match the file, ``classes``
             names a class the model lacks, ``cuda`` without a GPU.
+        TensorRTUnavailableError: an engine, and TensorRT is not installed.
     """
     from dfine.checkpoint import CheckpointError
 
@@ -285,8 +286,12 @@ def prepare_model(config: InferConfig, *, cuda_available: bool | None = None) ->
         )
     if choice.backend is Backend.TORCH:
         resolve_device(config.device, cuda_available=cuda_available)  # cuda without a GPU
-    if choice.backend is Backend.TENSORRT and config.device is Device.CPU:
-        raise ValueError("backend tensorrt runs on a CUDA GPU; model.device cannot be 'cpu'")
+    if choice.backend is Backend.TENSORRT:
+        if config.device is Device.CPU:
+            raise ValueError("backend tensorrt runs on a CUDA GPU; model.device cannot be 'cpu'")
+        from dfine.backends.tensorrt_backend import require_tensorrt
+
+        require_tensorrt()  # TensorRTUnavailableError: said before anything starts
     settled = dataclasses.replace(
         config,
         backend=choice.backend,
@@ -408,7 +413,7 @@ def make_backend(config: InferConfig, info: ModelInfo | None = None) -> Detector
             model = untrained_model(config.size, config.num_classes)
         else:
             model = build_and_load(config.size, config.num_classes, config.model)
-            model.deploy()  # drop the decoder layers the output never reads
+        model.deploy()  # the fused inference form (dfine.fuse); weights are loaded by now
         return TorchBackend(
             model,
             dfine.PostProcessor(num_classes=config.num_classes),

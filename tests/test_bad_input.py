@@ -70,6 +70,12 @@ def _config(tmp: Path, data: object, name: str = "run.yaml") -> Path:
     return path
 
 
+def _tensorrt_here() -> bool:
+    from dfine.backends.tensorrt_backend import tensorrt_available
+
+    return tensorrt_available()
+
+
 # name -> (change the base arguments, text expected in the error line)
 Case = Callable[[Path, list[str]], list[str]]
 
@@ -118,6 +124,10 @@ CASES: dict[str, tuple[Case, str]] = {
     "class the model lacks": (lambda t, a: [_config(t, {"model": {"classes": [85]}}), *a], "classes"),
     "tensorrt for a checkpoint": (lambda t, a: _set(a, "--backend", "tensorrt"), "engine"),
 }
+if not _tensorrt_here():
+    CASES["engine without TensorRT"] = (
+        lambda t, a: _set(a, "--model", str(_text(t / "m.engine", "not an engine"))), "TensorRT is not installed"
+    )
 
 
 def _touch(path: Path) -> Path:
