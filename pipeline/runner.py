@@ -326,7 +326,8 @@ class Pipeline:
 
         self.events = events if events is not None else EventChannel()
         self._mailboxes: dict[str, _Mailbox] = {}
-        for stage in (*self._processors, *self._sinks):
+        stages: list[Processor[Any, Any] | Sink[Any]] = [*self._processors, *self._sinks]
+        for stage in stages:
             if _subscriber(stage) is not None:
                 self._mailboxes[stage.name] = self.events._subscribe(stage.name)
 

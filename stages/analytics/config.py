@@ -182,12 +182,12 @@ class StreamAnalyticsConfig:
         if not self.stream_id:
             raise ValueError("stream_id: name the source these lines and zones belong to")
         seen: dict[str, str] = {}
-        for kind, items in (("lines", self.lines), ("zones", self.zones)):
-            for i, item in enumerate(items):
-                key = f"{kind}[{i}].name"
-                if item.name in seen:
-                    raise ValueError(f"{key}: '{item.name}' is already used by {seen[item.name]}")
-                seen[item.name] = key
+        names = [(f"lines[{i}].name", line.name) for i, line in enumerate(self.lines)]
+        names += [(f"zones[{i}].name", zone.name) for i, zone in enumerate(self.zones)]
+        for key, name in names:
+            if name in seen:
+                raise ValueError(f"{key}: '{name}' is already used by {seen[name]}")
+            seen[name] = key
         if self.coordinates is Coordinates.NORMALIZED:
             for key, point in self._points():
                 if not all(0.0 <= v <= 1.0 for v in point):

@@ -399,8 +399,8 @@ class AnalyticsStage(StageBase[FramePacket]):
                     out[f"{name}.inside"] = zone["occupancy"]
                     out[f"{name}.loitering"] = zone["loitering"]
                     out[f"{name}.max_dwell_s"] = zone["max_dwell_s"]
-                    for c in zone["by_class"]:
-                        out[f"{name}.entered.{c['label']}"] = c["entered"]
+                    for zc in zone["by_class"]:
+                        out[f"{name}.entered.{zc['label']}"] = zc["entered"]
         return out
 
     def on_event(self, event: Mapping[str, Any]) -> None:
