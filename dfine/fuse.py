@@ -210,7 +210,9 @@ def fold_norm(conv: nn.Conv2d, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
 def make_conv(template: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
     """A biased conv with ``template``'s geometry and the given (float64) weight and bias,
     stored in ``template``'s dtype and device, not requiring gradients."""
-    conv = nn.Conv2d(
+    # skip_init: no random initialisation, which would also advance the caller's RNG.
+    conv = nn.utils.skip_init(
+        nn.Conv2d,
         template.in_channels,
         template.out_channels,
         template.kernel_size,  # type: ignore[arg-type]

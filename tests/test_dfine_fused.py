@@ -188,6 +188,12 @@ def test_deploy_drops_the_layers_after_eval_idx(fixtures_dir: Path) -> None:
 # --- deploy(): idempotent, loads before, state dict after -----------------------------------
 
 
+def test_deploy_leaves_the_random_stream_alone(trained_form: DFINE) -> None:
+    state = torch.random.get_rng_state()
+    copy.deepcopy(trained_form).deploy()
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
 def test_deploy_is_idempotent(fused: DFINE) -> None:
     again = copy.deepcopy(fused)
     state = {k: v.clone() for k, v in again.state_dict().items()}
