@@ -55,6 +55,10 @@ class TrackConfig:
         pointwise_hit_counter_max: norfair's per-point hit counter cap.
         past_detections_length: past detections norfair keeps per track.
         class_aware: only match a detection to a track of the same class.
+        duplicate_iou: two detections of different classes overlapping with at least this IoU
+            are one object seen twice (a detector's NMS runs per class: the same vehicle comes
+            as "car" and "truck"); only the higher-scoring one is tracked, the other keeps
+            track id -1. Without this each would get a track and be counted twice. 1.0: off.
     """
 
     distance_threshold: float = 0.7
@@ -63,8 +67,11 @@ class TrackConfig:
     pointwise_hit_counter_max: int = 4
     past_detections_length: int = 4
     class_aware: bool = True
+    duplicate_iou: float = 0.85
 
     def __post_init__(self) -> None:
+        if not 0.0 < self.duplicate_iou <= 1.0:
+            raise ValueError(f"track.duplicate_iou must be in (0, 1] (1.0: off), got {self.duplicate_iou}")
         if not 0.0 < self.distance_threshold <= 1.0:
             raise ValueError(
                 f"track.distance_threshold must be in (0, 1] (a 1 - IoU distance), got {self.distance_threshold}"
@@ -170,19 +177,16 @@ class Tracker(StageBase[FramePacket]):
         state.last_index = item.index
 
         dets = item.detections
-        norfair_dets = _to_norfair(dets, self.config.class_aware) if dets is not None else []
+        norfair_dets = _to_norfair(dets, self.config) if dets is not None else []
         active = state.tracker.update(detections=norfair_dets or None, period=period)
+        by_row = {d.data: d for d in norfair_dets}
 
         if dets is not None:
             track_ids = np.full(len(dets), -1, dtype=np.int64)
             for obj in active:
                 row = obj.last_detection.data
                 # Only a detection of *this* frame: an unmatched track still points at an old one.
-                matched_now = (
-                    isinstance(row, int)
-                    and row < len(norfair_dets)
-                    and norfair_dets[row] is obj.last_detection
-                )
+                matched_now = isinstance(row, int) and by_row.get(row) is obj.last_detection
                 if matched_now:
                     track_ids[row] = obj.id
             item.detections = Detections(
@@ -241,18 +245,46 @@ class Tracker(StageBase[FramePacket]):
         ))
 
 
-def _to_norfair(dets: Detections, class_aware: bool) -> list[norfair.Detection]:
-    """One norfair Detection per row, points ``[[x1, y1], [x2, y2]]``, ``data`` the row index."""
+def cross_class_duplicates(dets: Detections, iou_threshold: float) -> np.ndarray:
+    """bool ``(n,)``: rows that overlap a higher-scoring row of another class with IoU >=
+    ``iou_threshold`` (boxes xyxy pixels). All pairs at once: n is tens, n² is nothing."""
+    n = len(dets)
+    if n < 2 or iou_threshold >= 1.0:
+        return np.zeros(n, dtype=bool)
+    b = dets.boxes_xyxy.astype(np.float64)
+    x1 = np.maximum(b[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(b[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(b[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(b[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union = area[:, None] + area[None, :] - inter
+    with np.errstate(invalid="ignore", divide="ignore"):
+        iou = np.where(union > 0, inter / union, 0.0)
+    other_class = dets.class_ids[:, None] != dets.class_ids[None, :]
+    scores = dets.scores
+    # Ties go to the lower row index, so exactly one of two equal-score duplicates stays.
+    beaten = (scores[None, :] > scores[:, None]) | (
+        (scores[None, :] == scores[:, None]) & (np.arange(n)[None, :] < np.arange(n)[:, None]))
+    duplicate: np.ndarray = (other_class & beaten & (iou >= iou_threshold)).any(axis=1)
+    return duplicate
+
+
+def _to_norfair(dets: Detections, config: TrackConfig) -> list[norfair.Detection]:
+    """One norfair Detection per row kept (see ``duplicate_iou``), points
+    ``[[x1, y1], [x2, y2]]``, ``data`` the row index."""
     boxes = dets.boxes_xyxy.astype(np.float64).reshape(-1, 2, 2)
     scores = dets.scores.astype(np.float64)
     labels = dets.class_ids.tolist()
+    duplicate = cross_class_duplicates(dets, config.duplicate_iou)
     return [
         norfair.Detection(
             points=boxes[i],
             scores=np.array([scores[i], scores[i]]),
             data=i,
-            label=labels[i] if class_aware else None,
+            label=labels[i] if config.class_aware else None,
         )
         for i in range(len(dets))
+        if not duplicate[i]
     ]
 
