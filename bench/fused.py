@@ -78,7 +78,7 @@ def _forms(with_nchw: bool) -> tuple[dict[str, torch.nn.Module], str]:
     fused = copy.deepcopy(training).deploy()
     forms: dict[str, torch.nn.Module] = {TRAINING: training, FUSED: fused}
     if with_nchw:
-        forms[FUSED_NCHW] = copy.deepcopy(fused).to(memory_format=torch.contiguous_format)
+        forms[FUSED_NCHW] = copy.deepcopy(fused).to(memory_format=torch.contiguous_format)  # type: ignore[call-overload]
     return forms, weights
 
 

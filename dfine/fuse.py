@@ -199,6 +199,10 @@ def fold_norm(conv: nn.Conv2d, norm: Norm) -> tuple[torch.Tensor, torch.Tensor]:
         if conv.bias is not None
         else torch.zeros(conv.out_channels, dtype=torch.float64, device=weight.device)
     )
+    if norm.running_mean is None or norm.running_var is None:
+        raise ValueError(
+            "cannot fold a BatchNorm2d without running statistics (track_running_stats=False)"
+        )
     mean = norm.running_mean.detach().double()
     var = norm.running_var.detach().double()
     gamma = norm.weight.detach().double() if norm.weight is not None else torch.ones_like(mean)

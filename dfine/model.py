@@ -162,7 +162,7 @@ class DFINE(nn.Module):
             fused = fuse_network(self)
             # Channels-last convolutions are faster on CPUs (oneDNN's native layout) and on
             # CUDA tensor cores; the input may stay contiguous: the first conv converts it.
-            self.to(memory_format=torch.channels_last)
+            self.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
             self._deployed = True
             logger.debug("deploy: %d units fused", fused)
         return self
