@@ -137,6 +137,32 @@ def measure(
     return results, weights
 
 
+# What each ingredient of the fused form measured on its own while it was chosen (same machine,
+# 1 intra-op thread, median of 10-20 calls, load 0.4-1.7), and what was tried and not kept.
+CHOICES = """\
+What the ingredients measured alone when chosen (1 thread, medians of 10-20 calls, load 0.4-1.7):
+
+- Stem max-pool (2x2, stride 1, `ceil_mode`) on a 1x16x321x321 map: torch's kernel 45 ms, two
+  maxima of shifted views 2.1 ms (identical values). The biggest single item.
+- Self-attention, 300 queries x 128, 8 heads: `nn.MultiheadAttention` as called (it also
+  computes the head-averaged weights, discarded) 5.5 ms, through `scaled_dot_product_attention`
+  2.2 ms; three decoder layers and the encoder layer use it.
+- Folding (D-FINE-N): 79 BatchNorm passes over the feature maps and the 30 learnable affines'
+  multiply and add passes are gone (their ReLU becomes one clamp); the 8 RepVGG blocks run one
+  3x3 conv instead of a 3x3 and a 1x1 conv and an add.
+- `F.pad` of the stem on a channels-last map 5.8 ms; written into a channels-last buffer 1.5 ms.
+- Channels-last: the "fused, NCHW" rows above (run with `--nchw`) show what it adds.
+- `grid_sample` on strided sampling grids was ~2x slower than on contiguous ones: fixed for both
+  forms (bit-identical), so not part of the ratio.
+
+Tried and not kept: `torch.compile` (inductor) had not finished compiling D-FINE-N after 4 min
+on this machine, too slow and fragile for a video process start; `torch.jit.trace` + `freeze`
+gained ~4 % (77 vs 81 ms at 320, 2 threads) but bakes in the input size; 1x1 convs as a matmul
+on the channels-last view: no consistent gain. Threads stay the backend's `intra_op_threads`
+setting (the table shows 1 and 2).
+"""
+
+
 def format_table(results: Sequence[FormTiming]) -> str:
     lines = [
         "| input | threads | form | median ms | p10–p90 ms | training / this | rounds | load |",
@@ -184,6 +210,7 @@ def format_section(
             "",
             format_table(results),
             "",
+            CHOICES,
         ]
     )
 
