@@ -206,6 +206,15 @@ def format_section(
             f"- Date: {info['date']}",
             f"- Software: {versions}",
             f"- `uptime` before: `{uptime_before}`; after: `{uptime_after}`",
+            *(
+                [
+                    "- The load exceeded the core count: the figures are inflated, most of all "
+                    "with 2 threads (each form's threads wait for cores); compare the forms within "
+                    "a row group, and prefer the 1-thread rows"
+                ]
+                if max(t.load_1min for t in results) >= (info["cores"] or 1)
+                else []
+            ),
             f"- Command: `{command}`",
             "",
             format_table(results),

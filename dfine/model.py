@@ -167,6 +167,15 @@ class DFINE(nn.Module):
             logger.debug("deploy: %d units fused", fused)
         return self
 
+    def train(self, mode: bool = True) -> DFINE:
+        """``nn.Module.train``; a deployed network is inference-only and refuses train mode."""
+        if mode and getattr(self, "_deployed", False):
+            raise ValueError(
+                "this D-FINE network is deployed (inference-only: norms folded, layers dropped); "
+                "build and load a new one to train"
+            )
+        return super().train(mode)
+
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
         """``nn.Module.load_state_dict``; refuses a training-form state dict once deployed."""
         if self._deployed and any(k.endswith(".running_mean") for k in state_dict):

@@ -227,6 +227,8 @@ def test_deployed_state_dict_and_loading(
     # The attention keeps the nn.MultiheadAttention keys.
     assert "decoder.decoder.layers.0.self_attn.in_proj_weight" in keys
     assert not any(p.requires_grad for p in fused.backbone.parameters())
+    with pytest.raises(ValueError, match="inference-only"):
+        copy.deepcopy(fused).train()
     # A training-form checkpoint loads only before deploy(), with a message saying so.
     with pytest.raises(ValueError, match="before calling deploy"):
         dfine.load_checkpoint(copy.deepcopy(fused), fixtures_dir / CHECKPOINT)
