@@ -137,15 +137,6 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
     for source_config in config.sources:
         if source_config.file is not None:
             FileSource(source_config.file).check()
-    if config.model.model is None:
-        # Said here, once per run, whatever the backend and whether an export is cached.
-        logger.warning(
-            "NO MODEL GIVEN: D-FINE-%s runs with UNTRAINED random weights, so every box and "
-            "label is MEANINGLESS. Download an official checkpoint (e.g. dfine_%s_coco.pth from "
-            "the D-FINE GitHub releases, github.com/Peterande/D-FINE) and pass --model.",
-            prepared.info.size.upper() if prepared.info.size else "N", prepared.info.size or "n",
-        )
-
     live = any(s.live is not None for s in config.sources)
     if live:
         spec = BufferSpec(config.buffers.live_capacity, OverflowPolicy.DROP_OLDEST)

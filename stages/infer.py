@@ -292,6 +292,8 @@ def prepare_model(config: InferConfig, *, cuda_available: bool | None = None) ->
         from dfine.backends.tensorrt_backend import require_tensorrt
 
         require_tensorrt()  # TensorRTUnavailableError: said before anything starts
+    if info.kind is ModelKind.UNTRAINED:
+        _warn_untrained(info.size or "n")
     settled = dataclasses.replace(
         config,
         backend=choice.backend,
@@ -312,9 +314,14 @@ def _ort_providers(device: Device) -> list[str] | None:
 
 
 def untrained_model(size: str, num_classes: int) -> torch.nn.Module:
-    """D-FINE with random weights (seed ``RANDOM_SEED``), in eval mode; logs a loud warning."""
+    """D-FINE with random weights (seed ``RANDOM_SEED``), in eval mode. The loud warning is
+    :func:`prepare_model`'s, said once per run in the check phase."""
     from dfine.checkpoint import build_and_load
 
+    return build_and_load(size, num_classes, None, seed=RANDOM_SEED)
+
+
+def _warn_untrained(size: str) -> None:
     logger.warning(
         "NO MODEL GIVEN: running D-FINE-%s with UNTRAINED random weights (seed %d); its boxes and "
         "labels are MEANINGLESS. Download a trained checkpoint from the D-FINE GitHub releases, "
@@ -323,7 +330,6 @@ def untrained_model(size: str, num_classes: int) -> torch.nn.Module:
         RANDOM_SEED,
         OFFICIAL_CHECKPOINTS.format(size=size),
     )
-    return build_and_load(size, num_classes, None, seed=RANDOM_SEED)
 
 
 def _file_digest(path: Path) -> str:
