@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -176,17 +177,18 @@ def _apply_overrides(config: AppConfig, cli: CliOverrides) -> AppConfig:
     outputs = config.outputs
     # Each flag sets one key of its section and keeps the rest (trail length, crf, ...): a
     # section the config lacks is made with its defaults.
-    for section, key, value, kind in (
+    flags: tuple[tuple[str, str, object, Any], ...] = (
         ("video", "path", cli.video, VideoSinkConfig),
         ("jsonl", "path", cli.jsonl, JsonLinesSinkConfig),
         ("mot", "path", cli.mot, MotSinkConfig),
         ("zmq", "endpoint", cli.zmq, ZmqSinkConfig),
         ("rtsp", "url", cli.publish, RtspPublishConfig),
-    ):
-        if value is None:
+    )
+    for section, key, given, kind in flags:
+        if given is None:
             continue
-        text = str(value)
         current = getattr(outputs, section)
-        updated = kind(**{key: text}) if current is None else dataclasses.replace(current, **{key: text})
+        changed: dict[str, Any] = {key: str(given)}
+        updated = kind(**changed) if current is None else dataclasses.replace(current, **changed)
         outputs = dataclasses.replace(outputs, **{section: updated})
     return dataclasses.replace(config, sources=sources, model=model, outputs=outputs)
