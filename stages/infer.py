@@ -198,7 +198,7 @@ def choose_backend(
 
     ``AUTO``: an ``.onnx`` runs in ONNX Runtime and an engine in TensorRT; a checkpoint (or
     no model) runs in torch with FP16 autocast on a CUDA GPU, and on a CPU through ONNX Runtime
-    on an export made once and cached (about twice torch's speed on a CPU, bench/RESULTS.md).
+    on an export made once and cached (1.4-2x torch's speed on a CPU, bench/RESULTS.md).
 
     Raises:
         ValueError: the backend cannot run that kind of file, or ``cuda`` without a GPU.
@@ -218,8 +218,8 @@ def choose_backend(
     return BackendChoice(
         Backend.ONNXRUNTIME,
         False,
-        f"auto: {what} on a CPU runs about 2x faster in ONNX Runtime than in torch; exported "
-        "once and cached; --backend torch forces torch",
+        f"auto: {what} on a CPU runs faster in ONNX Runtime than in torch (bench/RESULTS.md); "
+        "exported once and cached; --backend torch forces torch",
     )
 
 
