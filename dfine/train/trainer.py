@@ -202,7 +202,9 @@ class Trainer:
         model = dfine.build_model(s.size, num_classes=num_classes, num_denoising=s.num_denoising)
         if s.init_from is not None:
             load_matching_weights(model, s.init_from)
-        model.to(self.device).train()
+        # Channels-last convolutions: about 12 % less CPU per step for D-FINE-N at 320 (bench.train),
+        # and the layout tensor cores want under CUDA AMP.
+        model.to(self.device, memory_format=torch.channels_last).train()
         criterion = Criterion(num_classes=num_classes).to(self.device)
 
         stop_epoch = s.epochs - s.data.no_aug_epochs if s.data.no_aug_epochs else None
@@ -305,7 +307,7 @@ class Trainer:
             step_terms = zero = torch.zeros((), device=self.device)
             optimizer.zero_grad(set_to_none=True)
             for images, targets in batches:
-                images = images.to(self.device, non_blocking=True)
+                images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
                 targets = _to_device(targets, self.device)
                 with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32,
                                     enabled=amp_dtype is not None):
