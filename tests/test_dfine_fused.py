@@ -350,6 +350,11 @@ def test_stem_pool_and_padding_give_identical_values() -> None:
         assert torch.equal(padded, F.pad(x, (0, 1, 0, 1)))
         assert padded.is_contiguous(memory_format=layout)
         assert torch.equal(ShiftedMax2x2()(padded), pool(F.pad(x, (0, 1, 0, 1))))
+        # The training form takes the same path on channels-last maps: gradients agree too.
+        leaf = xl.clone().requires_grad_(True)
+        weights = torch.rand(padded.shape, generator=torch.Generator().manual_seed(13))
+        (pad_bottom_right(leaf) * weights).sum().backward()
+        assert leaf.grad is not None and torch.equal(leaf.grad, weights[..., :-1, :-1])
 
 
 def test_backbone_with_frozen_norms_fuses() -> None:
