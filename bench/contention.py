@@ -101,7 +101,7 @@ def _start_neighbour(kind: str, cpus: set[int], clip: Path) -> subprocess.Popen[
     command = [sys.executable, "-m", "bench.contention", "--neighbour", kind, "--clip", str(clip)]
     # The child pins itself before it starts working (sched_setaffinity on its own pid).
     return subprocess.Popen(
-        command, cwd=REPO, preexec_fn=lambda: os.sched_setaffinity(0, cpus),  # noqa: PLW1509
+        command, cwd=REPO, preexec_fn=lambda: os.sched_setaffinity(0, cpus),
         stdout=subprocess.DEVNULL,
     )
 

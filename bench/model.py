@@ -114,7 +114,7 @@ def measure(
                         )),
                     ]
                     for runtime, backend in backends:
-                        times = _time(lambda: backend(images, sizes_wh), warmup, runs)
+                        times = _time(lambda b=backend, x=images: b(x, sizes_wh), warmup, runs)
                         q = np.percentile(times, [10, 90])
                         timing = Timing(size, imgsz, runtime, threads, weights, statistics.median(times),
                                         float(q[0]), float(q[1]), min(times), runs,

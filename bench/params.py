@@ -20,7 +20,8 @@ def main() -> int:
         model = dfine.build_model(size)
         ours = sum(p.numel() for p in model.parameters())
         ok &= ours == official
-        print(f"{size.upper():<6}{dfine.SIZES[size].backbone:<10}{ours:>14,}{official:>14,}  {'yes' if ours == official else 'NO'}")
+        verdict = "yes" if ours == official else "NO"
+        print(f"{size.upper():<6}{dfine.SIZES[size].backbone:<10}{ours:>14,}{official:>14,}  {verdict}")
     return 0 if ok else 1
 
 

@@ -21,12 +21,11 @@ import zmq
 from pipeline.ring_buffer import OverflowPolicy
 from pipeline.runner import BufferSpec, EventChannel, Pipeline, StageError
 from pipeline.stage import StageBase
+from rtsp_server import RtspServer, free_port
 from stages.events import decode_event
 from stages.frame import Detections, FramePacket
 from stages.live import LiveSource, LiveSourceConfig, LiveSourceError, ReconnectPolicy
 from stages.sinks.zmq_events import ZmqEventSink, ZmqSinkConfig
-
-from rtsp_server import RtspServer, free_port
 
 pytestmark = pytest.mark.rtsp
 
@@ -171,12 +170,12 @@ def test_camera_killed_and_restarted_three_times_keeps_the_pipeline_going(
             before = recorder.count()
             camera.start()
             restarted_at = time.monotonic()
-            assert _wait(lambda: recorder.count() > before, backoff_max_s + 2), (
+            assert _wait(lambda b=before: recorder.count() > b, backoff_max_s + 2), (
                 f"outage {outage}: no frame within backoff + 2 s of the restart"
             )
             assert time.monotonic() - restarted_at < backoff_max_s + 2
             assert pipeline.running
-            assert _wait(lambda: recorder.count() > before + 25, 10)  # and it keeps coming
+            assert _wait(lambda b=before: recorder.count() > b + 25, 10)  # and it keeps coming
         sub.drain(0.5)
     finally:
         took = _stop(pipeline, [source])

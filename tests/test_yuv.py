@@ -12,7 +12,9 @@ import pytest
 from stages.decode import frame_to_rgb_u8
 from stages.sinks.yuv import rgb_to_yuv420p
 
-NIGHT_1080P = Path(__file__).resolve().parents[1].parent / "shared" / "media" / "pedestrians_night_street_1080p_mpeg4.mp4"
+NIGHT_1080P = (
+    Path(__file__).resolve().parents[1].parent / "shared" / "media" / "pedestrians_night_street_1080p_mpeg4.mp4"
+)
 
 
 def _colour_chart() -> np.ndarray:
