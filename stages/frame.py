@@ -80,7 +80,6 @@ class FramePacket:
         model_input: the preprocessed tensor (backend-specific: a torch tensor on CPU or CUDA,
             float32 ``(1, 3, S, S)`` in [0, 1]), set by the preprocessor, cleared after inference.
         detections: set by the inference stage; track ids by the tracker.
-        events: small JSON-able dicts raised while handling this frame (e.g. track started).
         analytics: set by the analytics stage: a read-only ``AnalyticsOverlay`` (lines, zones
             and their counts, in this frame's pixels) for the annotated video.
     """
@@ -92,7 +91,6 @@ class FramePacket:
     arrival_s: float
     model_input: Any = None
     detections: Detections | None = None
-    events: list[dict[str, Any]] = field(default_factory=list)
     analytics: Any = None
 
     @property

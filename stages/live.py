@@ -14,14 +14,11 @@ drawn, while frame threading holds back one frame per extra thread (103 ms with 
 ``fflags=nobuffer`` made the first frame come 1 s *later* (it threw away the probed keyframe)
 and ``flags=low_delay`` changed nothing, so neither is set.
 
-Loss and restore are reported twice, on purpose:
-
-- as ``source_lost`` / ``source_restored`` dicts (``stages.events``) in the ``events`` of the
-  next frame that is yielded, for sinks that look at packets (JSONL, ...);
-- at once, through the ``on_event`` callback, from this source's thread, *while no frames flow*.
-  The assembly wires it to ``ZmqEventSink.post_event`` (thread-safe), so subscribers hear of an
-  outage when it starts, not when it ends. The sink drops the copy that later arrives in the
-  packet (same ``outage`` number), so each is sent once.
+Loss and restore are reported once, as ``source_lost`` / ``source_restored`` events
+(``stages.events``) through the ``on_event`` callback, from this source's thread, *while no frames
+flow*. The assembly wires it to the pipeline's event channel, which hands every event to every
+subscribing sink (JSONL, ZeroMQ) in its own thread: subscribers hear of an outage when it starts,
+not when it ends, and no buffer policy can drop it.
 
 Stopping: the engine stops pulling, or calls ``request_stop()`` (any thread), which also breaks
 out of a backoff sleep; a blocking network read returns within the read timeout
@@ -233,7 +230,6 @@ class LiveSource(StageBase[FramePacket]):
         self._read_timeout_s = config.stall_timeout_s / _READ_TIMEOUTS_PER_STALL
         self._stop = threading.Event()
         self._container: av.container.InputContainer | None = None
-        self._pending_events: list[dict[str, Any]] = []
         self._lock = threading.Lock()  # guards the counters read by stats()
         # Counters and stream state, written only by the source thread.
         self._next_index = 0
@@ -379,7 +375,6 @@ class LiveSource(StageBase[FramePacket]):
         )
 
     def _emit(self, event: dict[str, Any]) -> None:
-        self._pending_events.append(event)
         if self._on_event is not None:
             self._on_event(event)
 
@@ -468,9 +463,7 @@ class LiveSource(StageBase[FramePacket]):
                     pts_s=pts_s,
                     image_rgb_u8=image,
                     arrival_s=arrival_s,
-                    events=self._pending_events,
                 )
-                self._pending_events = []
                 self._next_index += 1
                 self._last_pts_s = pts_s
                 self._last_arrival_s = arrival_s

@@ -63,7 +63,6 @@ class _Written:
     index: int
     pts_s: float
     arrival_s: float
-    event_types: tuple[str, ...]
 
 
 class _Recorder(StageBase[FramePacket]):
@@ -78,8 +77,7 @@ class _Recorder(StageBase[FramePacket]):
     def write(self, item: FramePacket) -> None:
         with self._lock:
             self.written.append(
-                _Written(time.monotonic(), item.stream_id, item.index, item.pts_s, item.arrival_s,
-                         tuple(e["type"] for e in item.events))
+                _Written(time.monotonic(), item.stream_id, item.index, item.pts_s, item.arrival_s)
             )
 
     def count(self, stream_id: str | None = None) -> int:
