@@ -89,7 +89,7 @@ class AssembledPipeline:
         counts per line, zone and class)."""
         counters: dict[str, dict[str, int | float | bool]] = {}
         for stage in self.stages:
-            if not isinstance(stage, (LiveSource, ZmqEventSink, RtspPublishSink, AnalyticsStage)):
+            if not isinstance(stage, (LiveSource, ZmqEventSink, RtspPublishSink, AnalyticsStage, Tracker)):
                 continue
             stats = stage.stats()
             values = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
@@ -215,7 +215,7 @@ def _make_processors(
 ) -> list[Processor[FramePacket, FramePacket]]:
     model, info = prepared.config, prepared.info
     assert model.imgsz is not None  # settled by prepare_model
-    preprocess = Preprocessor(PreprocessConfig(input_size=model.imgsz, device=model.device))
+    preprocess = Preprocessor(PreprocessConfig(input_size=model.imgsz, device=model.device, tiling=model.tiling))
     infer = InferenceStage(model, lambda: make_backend(model, info))
     processors: list[Processor[FramePacket, FramePacket]] = [preprocess, infer]
     if config.track is not None:

@@ -32,7 +32,7 @@ import torch
 from dfine.backends.base import DetectorBackend
 from stages.decode import frame_to_rgb_u8
 from stages.preprocess import image_to_model_input
-from stages.tiling import MergeMethod, Tile, merge_detections, tile_grid
+from stages.tiling import MergeMethod, Tile, merge_crops, tile_grid
 
 logger = logging.getLogger(__name__)
 
@@ -249,19 +249,10 @@ class Teacher:
         full = results[0]
         if not tiles:
             return full, full
-        labels = [full[0]]
-        boxes = [full[1]]
-        scores = [full[2]]
-        for tile, (tl, tb, ts) in zip(tiles, results[1:]):
-            labels.append(tl)
-            boxes.append(tb + np.array([tile.x0, tile.y0, tile.x0, tile.y0], dtype=np.float32))
-            scores.append(ts)
-        merged = merge_detections(
-            np.concatenate(labels),
-            np.concatenate(boxes).reshape(-1, 4),
-            np.concatenate(scores),
-            self.settings.merge,
-            self.settings.merge_threshold,
+        # The inference stage's merge (shift to frame pixels, drop border-cut pieces, merge).
+        merged = merge_crops(
+            results, [Tile(0, 0, width, height), *tiles], (width, height),
+            self.settings.merge, self.settings.merge_threshold,
         )
         return full, merged
 

@@ -1,7 +1,13 @@
 """Run D-FINE on each frame: preprocessed tensor in, detections in source pixels out.
 
 Input: ``FramePacket`` with ``model_input`` set by the preprocessor (float32 ``(1, 3, S, S)``
-torch tensor in [0, 1], on the CPU or a CUDA device).
+torch tensor in [0, 1], on the CPU or a CUDA device), or with tiling on (``model.tiling``) a
+``stages.tiling.TiledInput``: a ``(B, 3, S, S)`` batch of crops (tiles, and the whole frame when
+``full_frame``) with where each lies. All crops of a frame go to the backend in one call (dynamic
+batch); an export with a fixed batch runs them that many at a time, one after another (said at
+start-up). Each crop's boxes come back in that crop's pixels, are shifted to the frame's, and
+merged across crops (``stages.tiling.merge_crops``: NMS or greedy IOS, pieces cut by inner tile
+borders dropped).
 Output: the same packet with ``detections`` (boxes clipped to the frame, scores at or above the
 threshold, optionally only some classes) and ``model_input`` cleared, so the tensor's memory is
 freed as soon as possible.
@@ -29,7 +35,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +46,7 @@ from dfine.backends.device import Device, resolve_device
 from dfine.model_info import ModelInfo, ModelKind, model_kind, read_model_info
 from pipeline.stage import StageBase
 from stages.frame import Detections, FramePacket
+from stages.tiling import CropResult, TiledInput, TilingConfig, merge_crops
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +95,8 @@ class InferConfig:
         onnx_cache_dir: where checkpoints exported for ONNX Runtime are cached; ``None`` means
             ``~/.cache/finestream/onnx``.
         opset: ONNX opset of such exports (>= 17).
+        tiling: sliced inference for small objects (``stages.tiling.TilingConfig``); off by
+            default. The preprocessor cuts the crops, this stage merges their detections.
     """
 
     backend: Backend = Backend.AUTO
@@ -103,6 +112,7 @@ class InferConfig:
     intra_op_threads: int | None = None
     onnx_cache_dir: Path | None = None
     opset: int = 17
+    tiling: TilingConfig = field(default_factory=TilingConfig)
 
     def __post_init__(self) -> None:
         # Accept plain strings from code and the CLI; the enums and Path are the stored forms.
@@ -469,6 +479,7 @@ class InferenceStage(StageBase[FramePacket]):
         self.name = "infer"
         self._factory = backend_factory
         self._backend: DetectorBackend | None = None
+        self._batch = BatchLimit()
         self._keep_classes = (
             np.asarray(config.classes, dtype=np.int64) if config.classes is not None else None
         )
@@ -495,6 +506,16 @@ class InferenceStage(StageBase[FramePacket]):
                 f"(it has {len(backend.class_names)}: 0..{len(backend.class_names) - 1})"
             )
         self._backend = backend
+        self._batch = backend_batch_limit(backend)
+        largest = self._batch.largest
+        if self.config.tiling.enabled and largest is not None:
+            # Said at start-up: the crops of a frame then cost several calls, not one.
+            logger.warning(
+                "tiling: the model takes %s %d image%s per call, so the tiles of a frame run %s "
+                "(an export with a dynamic batch, e.g. `finestream export`, runs them in one call)",
+                "exactly" if self._batch.fixed else "at most", largest, "" if largest == 1 else "s",
+                "one after another" if largest == 1 else f"{largest} at a time",
+            )
         logger.info(
             "inference on %s, %d classes, score >= %.2f%s",
             backend.device,
@@ -506,6 +527,10 @@ class InferenceStage(StageBase[FramePacket]):
     def process(self, item: FramePacket) -> FramePacket:
         backend = self.backend
         images = item.model_input
+        if isinstance(images, TiledInput):
+            item.model_input = None
+            item.detections = self._tiled(images, item.width, item.height)
+            return item
         if not isinstance(images, torch.Tensor):
             raise TypeError(
                 f"frame {item.stream_id}/{item.index}: model_input must be a torch tensor set by "
@@ -520,12 +545,33 @@ class InferenceStage(StageBase[FramePacket]):
         item.detections = self._detections(labels[0], boxes[0], scores[0], item.width, item.height)
         return item
 
+    def _tiled(self, tiled: TiledInput, width: int, height: int) -> Detections:
+        backend = self.backend
+        images = tiled.images
+        if images.device != backend.device:
+            images = images.to(backend.device)
+        sizes_wh = torch.tensor([[c.width, c.height] for c in tiled.crops], dtype=torch.int64)
+        results: list[CropResult] = []
+        for labels, boxes, scores in _run_in_batches(backend, images, sizes_wh, self._batch):
+            for i in range(len(scores)):
+                keep = self._keep(labels[i], scores[i])
+                results.append((labels[i][keep], boxes[i][keep], scores[i][keep]))
+        tiling = self.config.tiling
+        labels, boxes, scores = merge_crops(
+            results, tiled.crops, (width, height), tiling.merge, tiling.merge_threshold
+        )
+        return self._detections(labels, boxes, scores, width, height)
+
+    def _keep(self, labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        keep: np.ndarray = scores >= self.config.score_threshold
+        if self._keep_classes is not None:
+            keep &= np.isin(labels, self._keep_classes)
+        return keep
+
     def _detections(
         self, labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray, width: int, height: int
     ) -> Detections:
-        keep = scores >= self.config.score_threshold
-        if self._keep_classes is not None:
-            keep &= np.isin(labels, self._keep_classes)
+        keep = self._keep(labels, scores)
         boxes_xyxy = boxes[keep].astype(np.float32, copy=True)
         # Clip to the frame: boxes may reach past the border (the model does not clip).
         np.clip(boxes_xyxy[:, 0::2], 0.0, float(width), out=boxes_xyxy[:, 0::2])
@@ -535,3 +581,55 @@ class InferenceStage(StageBase[FramePacket]):
             scores=scores[keep].astype(np.float32, copy=True),
             class_ids=labels[keep].astype(np.int64, copy=True),
         )
+
+
+@dataclass(frozen=True)
+class BatchLimit:
+    """How many images one backend call takes: ``largest`` (``None``: any number); ``fixed``:
+    exactly that many (a fixed-batch export), so a short batch is padded."""
+
+    largest: int | None = None
+    fixed: bool = False
+
+
+def backend_batch_limit(backend: DetectorBackend) -> BatchLimit:
+    """The batch a backend's model takes.
+
+    Not part of ``DetectorBackend`` (torch takes any batch): a TensorRT engine says its range
+    (``batch_range``); for ONNX Runtime the graph's ``images`` input says it (a number when
+    fixed, a name when dynamic).
+    """
+    batch_range = getattr(backend, "batch_range", None)
+    if batch_range is not None:
+        low, high = int(batch_range[0]), int(batch_range[1])
+        return BatchLimit(high, fixed=low == high)
+    session = getattr(backend, "_session", None)
+    if session is not None:
+        for graph_input in session.get_inputs():
+            if graph_input.name == "images":
+                dim = graph_input.shape[0]
+                if isinstance(dim, int) and dim > 0:
+                    return BatchLimit(dim, fixed=True)
+    return BatchLimit()
+
+
+def _run_in_batches(
+    backend: DetectorBackend, images: torch.Tensor, sizes_wh: torch.Tensor, limit: BatchLimit
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``backend`` on ``images`` ``(B, 3, S, S)``: one call, or chunks of ``limit.largest`` (a
+    fixed batch pads the last with copies of its last row and drops their outputs)."""
+    total = int(images.shape[0])
+    max_batch = limit.largest
+    if max_batch is None or (total <= max_batch and not (limit.fixed and total < max_batch)):
+        return [backend(images, sizes_wh)]
+    out = []
+    for start in range(0, total, max_batch):
+        chunk, sizes = images[start : start + max_batch], sizes_wh[start : start + max_batch]
+        n = int(chunk.shape[0])
+        if limit.fixed and n < max_batch:
+            pad = max_batch - n
+            chunk = torch.cat([chunk, chunk[-1:].expand(pad, *chunk.shape[1:])])
+            sizes = torch.cat([sizes, sizes[-1:].expand(pad, 2)])
+        labels, boxes, scores = backend(chunk, sizes)
+        out.append((labels[:n], boxes[:n], scores[:n]))
+    return out

@@ -29,14 +29,23 @@ torch function on the same (1, 3, H, W) tensor layout.
 Thread: runs in the preprocessor stage's own thread. With CUDA, the tensor is made on that
 thread's current stream.
 
+Tiling (``model.tiling.enabled``, drone footage): the preprocessor, not the inference stage,
+cuts the frame into crops (``stages.tiling.frame_crops``: the whole frame when ``full_frame``,
+then the overlapping tiles) and makes ``model_input`` a ``stages.tiling.TiledInput``: one
+``(B, 3, S, S)`` batch, each crop resized like a whole frame, with where each crop lies. Why
+here: the crops are a resize of the picture like any other input, so the cost stays in this
+stage's thread (off the inference thread, which is the bottleneck) and in its row of the stage
+table, and the inference stage keeps one job — run the batch, map and merge what comes back.
+With tiling off nothing changes: one ``(1, 3, S, S)`` tensor.
+
 Ownership: ``model_input`` is a new tensor per packet (no reused buffers); the packet's image is
-only read.
+only read (crops are views of it, resized into new memory).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -45,6 +54,7 @@ import torch.nn.functional as F
 from dfine.backends.device import Device, resolve_device
 from pipeline.stage import StageBase
 from stages.frame import FramePacket
+from stages.tiling import TiledInput, TilingConfig, frame_crops
 
 logger = logging.getLogger(__name__)
 
@@ -60,10 +70,13 @@ class PreprocessConfig:
     Attributes:
         input_size: S, the side of D-FINE's square input (640 for the released models).
         device: where the tensor is made; the inference backend should use the same one.
+        tiling: sliced inference (``model.tiling``); when enabled ``model_input`` is a
+            ``TiledInput`` batch of crops.
     """
 
     input_size: int = 640
     device: Device = Device.AUTO
+    tiling: TilingConfig = field(default_factory=TilingConfig)
 
     def __post_init__(self) -> None:
         if not 32 <= self.input_size <= 4096 or self.input_size % 32 != 0:
@@ -131,14 +144,27 @@ class Preprocessor(StageBase[FramePacket]):
         if device.type == "cuda":
             # Make the CUDA context current in this (the stage's) thread before the first frame.
             torch.empty(1, device=device)
-        logger.info("preprocess on %s to %dx%d", device, self.config.input_size, self.config.input_size)
+        side = self.config.input_size
+        tiling = self.config.tiling
+        tiles = ""
+        if tiling.enabled:
+            tile = tiling.tile_px or side
+            tiles = (f", tiled: {tile} px tiles, overlap {tiling.overlap:g}"
+                     f"{' + the whole frame' if tiling.full_frame else ''}")
+        logger.info("preprocess on %s to %dx%d%s", device, side, side, tiles)
 
     def process(self, item: FramePacket) -> FramePacket:
         device = self.device
-        item.model_input = image_to_model_input(
-            item.image_rgb_u8,
-            self.config.input_size,
-            device,
-            resize_in_uint8=device.type == "cpu",
-        )
+        side = self.config.input_size
+        uint8 = device.type == "cpu"
+        if not self.config.tiling.enabled:
+            item.model_input = image_to_model_input(item.image_rgb_u8, side, device, resize_in_uint8=uint8)
+            return item
+        crops = frame_crops(item.width, item.height, self.config.tiling, side)
+        image = item.image_rgb_u8
+        images = torch.cat([
+            image_to_model_input(image[c.y0 : c.y1, c.x0 : c.x1], side, device, resize_in_uint8=uint8)
+            for c in crops
+        ])
+        item.model_input = TiledInput(images=images, crops=tuple(crops))
         return item

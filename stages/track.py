@@ -19,6 +19,15 @@ Tracks still alive when the input ends get ``track_ended`` (``reason: stream_end
 published before the packet it happened on is handed on, so stages downstream that subscribe to
 the channel (the analytics) know of it before that packet reaches them.
 
+Camera-motion compensation (``camera_motion.enabled``, for a moving camera such as a drone):
+per stream a norfair ``MotionEstimator`` follows corners by sparse optical flow on a grey copy of
+the frame scaled down to ``flow_max_side_px`` (the flow needs texture, not resolution, and costs
+in proportion to pixels), with the detections' boxes masked out so moving objects do not count as
+camera motion. Its transformation (a homography, or a translation) from the stream's first frame
+to this one goes to ``tracker.update(coord_transformations=...)``: norfair then keeps each track's
+Kalman state in that stabilised frame, and matches (and we write) boxes in image pixels. Its cost
+per frame is the ``track`` row's ``motion_ms_per_frame`` counter in the stage table.
+
 Thread: runs in the tracker stage's thread; the per-stream state is touched by nothing else.
 
 Ownership: the packet's ``Detections`` object is replaced, not modified, so anything holding
@@ -27,19 +36,140 @@ the old one sees no change.
 
 from __future__ import annotations
 
+import enum
 import logging
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import cv2
 import norfair
 import numpy as np
+from norfair.camera_motion import (
+    CoordinatesTransformation,
+    HomographyTransformationGetter,
+    MotionEstimator,
+    TranslationTransformationGetter,
+)
 
 from pipeline.stage import StageBase
 from stages.events import track_ended_event, track_started_event
 from stages.frame import Detections, FramePacket
 
 logger = logging.getLogger(__name__)
+
+
+class MotionModel(str, enum.Enum):
+    HOMOGRAPHY = "homography"  # pan, rotation, zoom, perspective (a drone)
+    TRANSLATION = "translation"  # pan only; the cheaper and steadier estimate
+
+
+@dataclass(frozen=True)
+class CameraMotionConfig:
+    """Camera-motion compensation (``track.camera_motion``; off by default).
+
+    Attributes:
+        enabled: estimate the camera's motion each frame and track in a stabilised frame.
+        model: ``homography`` or ``translation`` (norfair's transformation getters).
+        flow_max_side_px: the frame is scaled down so its longer side is at most this before
+            the flow is computed (never up).
+        max_points: corners followed by the flow.
+        min_distance_px: least distance between corners, in pixels of the scaled frame.
+        mask_detections: keep corners off the detections' boxes (objects move on their own).
+    """
+
+    enabled: bool = False
+    model: MotionModel = MotionModel.HOMOGRAPHY
+    flow_max_side_px: int = 640
+    max_points: int = 300
+    min_distance_px: int = 15
+    mask_detections: bool = True
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "model", MotionModel(self.model))
+        except ValueError:
+            choices = ", ".join(m.value for m in MotionModel)
+            raise ValueError(f"track.camera_motion.model must be one of {choices}, got {self.model!r}") from None
+        if self.flow_max_side_px < 32:
+            raise ValueError(f"track.camera_motion.flow_max_side_px must be >= 32, got {self.flow_max_side_px}")
+        if self.max_points < 4:
+            raise ValueError(f"track.camera_motion.max_points must be >= 4 (a homography), got {self.max_points}")
+        if self.min_distance_px < 1:
+            raise ValueError(f"track.camera_motion.min_distance_px must be >= 1, got {self.min_distance_px}")
+
+
+class ScaledTransformation(CoordinatesTransformation):
+    """A transformation found on a frame scaled by ``scale``, applied to full-size pixels:
+    ``x -> T(x * scale) / scale`` both ways (``S^-1 T S``)."""
+
+    def __init__(self, inner: CoordinatesTransformation, scale: float) -> None:
+        self.inner = inner
+        self.scale = float(scale)
+
+    def abs_to_rel(self, points: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.inner.abs_to_rel(np.asarray(points, dtype=np.float64) * self.scale) / self.scale
+        return out
+
+    def rel_to_abs(self, points: np.ndarray) -> np.ndarray:
+        out: np.ndarray = self.inner.rel_to_abs(np.asarray(points, dtype=np.float64) * self.scale) / self.scale
+        return out
+
+
+class CameraMotion:
+    """One stream's camera-motion estimate: frame and boxes in, transformation out.
+
+    Args:
+        config: see ``CameraMotionConfig``.
+    """
+
+    def __init__(self, config: CameraMotionConfig) -> None:
+        self.config = config
+        getter = (HomographyTransformationGetter() if config.model is MotionModel.HOMOGRAPHY
+                  else TranslationTransformationGetter())
+        self._estimator = MotionEstimator(
+            max_points=config.max_points, min_distance=config.min_distance_px,
+            transformations_getter=getter,
+        )
+        self._last: CoordinatesTransformation | None = None
+        self.failures = 0
+
+    def update(self, image_rgb_u8: np.ndarray, boxes_xyxy: np.ndarray | None) -> CoordinatesTransformation | None:
+        """The transformation from the stream's first frame to this one (image pixels).
+
+        Args:
+            image_rgb_u8: uint8 ``(H, W, 3)``.
+            boxes_xyxy: float ``(n, 4)`` source pixels, masked out of the flow; or ``None``.
+
+        Returns:
+            ``None`` only until a first estimate exists. When the flow fails on a frame (too few
+            corners: a blank or blurred frame), the last estimate is kept: the camera is taken
+            to have stood still for that frame.
+        """
+        height, width = image_rgb_u8.shape[:2]
+        scale = min(1.0, self.config.flow_max_side_px / max(height, width))
+        small = image_rgb_u8
+        if scale < 1.0:
+            size = (max(1, round(width * scale)), max(1, round(height * scale)))
+            small = cv2.resize(image_rgb_u8, size, interpolation=cv2.INTER_AREA)
+        mask = None
+        if self.config.mask_detections and boxes_xyxy is not None and len(boxes_xyxy):
+            mask = np.ones(small.shape[:2], dtype=np.uint8)
+            for x1, y1, x2, y2 in (np.asarray(boxes_xyxy, dtype=np.float64) * scale).tolist():
+                mask[max(0, int(y1)) : int(np.ceil(y2)) + 1, max(0, int(x1)) : int(np.ceil(x2)) + 1] = 0
+        try:
+            # norfair greys the frame as BGR; RGB only weighs the channels differently.
+            found = self._estimator.update(small, mask)
+        except (cv2.error, np.linalg.LinAlgError, TypeError, ValueError) as exc:
+            self.failures += 1
+            logger.debug("camera motion: no estimate on this frame (%s); keeping the last", exc)
+            # Start again from this frame next time: the old reference may be lost for good.
+            self._estimator.prev_pts = None
+            self._estimator.gray_prvs = None
+            return self._last
+        self._last = ScaledTransformation(found, scale) if scale < 1.0 else found
+        return self._last
 
 
 @dataclass(frozen=True)
@@ -59,6 +189,7 @@ class TrackConfig:
             are one object seen twice (a detector's NMS runs per class: the same vehicle comes
             as "car" and "truck"); only the higher-scoring one is tracked, the other keeps
             track id -1. Without this each would get a track and be counted twice. 1.0: off.
+        camera_motion: compensation of a moving camera (``CameraMotionConfig``); off by default.
     """
 
     distance_threshold: float = 0.7
@@ -68,6 +199,7 @@ class TrackConfig:
     past_detections_length: int = 4
     class_aware: bool = True
     duplicate_iou: float = 0.85
+    camera_motion: CameraMotionConfig = field(default_factory=CameraMotionConfig)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.duplicate_iou <= 1.0:
@@ -126,6 +258,7 @@ class _Seen:
 @dataclass
 class _StreamState:
     tracker: norfair.Tracker
+    motion: CameraMotion | None = None
     last_index: int | None = None
     last_pts_s: float = 0.0
     # track id -> what we know of it, for every confirmed track norfair still holds.
@@ -156,6 +289,9 @@ class Tracker(StageBase[FramePacket]):
         self.class_names = tuple(class_names)
         self._publish = publish if publish is not None else _discard
         self._streams: dict[str, _StreamState] = {}
+        # Camera-motion cost, all streams (read by stats() from another thread: plain numbers).
+        self._motion_s = 0.0
+        self._motion_frames = 0
 
     def _new_tracker(self) -> norfair.Tracker:
         c = self.config
@@ -171,14 +307,25 @@ class Tracker(StageBase[FramePacket]):
     def process(self, item: FramePacket) -> FramePacket:
         state = self._streams.get(item.stream_id)
         if state is None:
-            state = _StreamState(tracker=self._new_tracker())
+            motion = CameraMotion(self.config.camera_motion) if self.config.camera_motion.enabled else None
+            state = _StreamState(tracker=self._new_tracker(), motion=motion)
             self._streams[item.stream_id] = state
         period = 1 if state.last_index is None else max(1, item.index - state.last_index)
         state.last_index = item.index
 
         dets = item.detections
+        transformation = None
+        if state.motion is not None:
+            started = time.perf_counter()
+            transformation = state.motion.update(item.image_rgb_u8, dets.boxes_xyxy if dets is not None else None)
+            self._motion_s += time.perf_counter() - started
+            self._motion_frames += 1
         norfair_dets = _to_norfair(dets, self.config) if dets is not None else []
-        active = state.tracker.update(detections=norfair_dets or None, period=period)
+        # norfair iterates the detections when given a transformation: a list, never None, then.
+        active = state.tracker.update(
+            detections=norfair_dets if transformation is not None else (norfair_dets or None),
+            period=period, coord_transformations=transformation,
+        )
         by_row = {d.data: d for d in norfair_dets}
 
         if dets is not None:
@@ -221,6 +368,18 @@ class Tracker(StageBase[FramePacket]):
         for track_id in [t for t in state.live if t not in held]:
             self._end(item.stream_id, state, track_id, "lost")
         return item
+
+    def stats(self) -> dict[str, int | float]:
+        """The tracker's own counters for the stage table: with camera motion on, its mean cost
+        per frame (``motion_ms_per_frame``) and the frames whose flow failed."""
+        if not self.config.camera_motion.enabled:
+            return {}
+        frames = self._motion_frames
+        return {
+            "motion_ms_per_frame": round(1000.0 * self._motion_s / frames, 2) if frames else 0.0,
+            "motion_frames": frames,
+            "motion_failures": sum(s.motion.failures for s in list(self._streams.values()) if s.motion),
+        }
 
     def flush(self) -> Iterable[FramePacket]:
         """No packet is held back; every track still alive ends here (``stream_ended``)."""
