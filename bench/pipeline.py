@@ -67,13 +67,13 @@ from bench.common import (
     runqueue_wait_s,
     write_json,
 )
-from pipeline.assemble import model_class_names, nice_all_but_inference
+from pipeline.assemble import nice_all_but_inference
 from pipeline.config import BuffersConfig
 from pipeline.ring_buffer import OverflowPolicy
 from pipeline.runner import BufferSpec, Pipeline
 from stages.decode import DecodeConfig, FileSource
 from stages.frame import FramePacket
-from stages.infer import Backend, Device, InferConfig, InferenceStage, make_backend
+from stages.infer import Backend, Device, InferConfig, InferenceStage, make_backend, prepare_model
 from stages.preprocess import PreprocessConfig, PreprocessDevice, Preprocessor
 from stages.sinks.video import VideoFileSink, VideoSinkConfig
 from stages.track import TrackConfig, Tracker
@@ -564,7 +564,7 @@ def run_bench(config: BenchConfig, command: str = "") -> dict[str, Any]:
     config.work_dir.mkdir(parents=True, exist_ok=True)
     clip, frames, repeats = prepare_clip(config.source, config.frames, config.work_dir)
     machine_before = machine_info()
-    class_names = model_class_names(config.infer_config(config.intra_op_threads[0]))
+    class_names = list(prepare_model(config.infer_config(config.intra_op_threads[0])).info.class_names)
 
     timings: dict[str, StageTiming] = {}
     packets: list[FramePacket] = []

@@ -41,12 +41,11 @@ from typing import Any
 import torch
 
 from bench.common import configure_logging, least_squares_slope, machine_info, rss_mib, write_json
-from pipeline.assemble import model_class_names
 from pipeline.metrics import percentile
 from pipeline.ring_buffer import OverflowPolicy
 from pipeline.runner import BufferSpec, Pipeline
 from stages.frame import FramePacket
-from stages.infer import Backend, Device, InferConfig, InferenceStage, make_backend
+from stages.infer import Backend, Device, InferConfig, InferenceStage, make_backend, prepare_model
 from stages.live import LiveSource, LiveSourceConfig
 from stages.preprocess import PreprocessConfig, PreprocessDevice, Preprocessor
 from stages.sinks.video import VideoFileSink, VideoSinkConfig
@@ -188,7 +187,7 @@ def run_soak(config: SoakConfig, out_dir: Path, command: str = "") -> dict[str, 
         score_threshold=config.score_threshold,
         intra_op_threads=config.intra_op_threads,
     )
-    class_names = model_class_names(infer_config)
+    class_names = list(prepare_model(infer_config).info.class_names)
     spec = BufferSpec(LIVE_CAPACITY, OverflowPolicy.DROP_OLDEST)
     probe = LatencyProbe(VideoFileSink(VideoSinkConfig(path=str(out_dir / "soak.mp4")), class_names))
     pipeline = Pipeline(
