@@ -184,10 +184,10 @@ def merge_detections(
 
     if method is MergeMethod.NMS:
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
-        keep = cv2.dnn.NMSBoxesBatched(
+        found = cv2.dnn.NMSBoxesBatched(
             xywh.tolist(), scores.tolist(), labels.tolist(), score_threshold=0.0, nms_threshold=threshold
         )
-        keep = np.asarray(keep, dtype=np.int64).reshape(-1)
+        keep = np.asarray(found, dtype=np.int64).reshape(-1)
         keep = keep[np.argsort(-scores[keep], kind="stable")]
         return labels[keep], boxes[keep], scores[keep]
 

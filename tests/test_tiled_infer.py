@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 
+from dfine.backends.device import Device
 from pipeline.config import load_config
 from pipeline.schema import ConfigError, from_dict
 from stages.frame import Detections, FramePacket
@@ -47,7 +48,7 @@ def highway_2x(media_dir: Path) -> list[np.ndarray]:
 
 def _run(model: Path, frames: list[np.ndarray], tiling: TilingConfig, threshold: float = 0.35) -> list[Detections]:
     prepared = prepare_model(InferConfig(model=model, score_threshold=threshold, intra_op_threads=1,
-                                         tiling=tiling, device="cpu"))
+                                         tiling=tiling, device=Device.CPU))
     config = prepared.config
     assert config.imgsz is not None
     stage = InferenceStage(config, lambda: make_backend(config, prepared.info))
@@ -132,7 +133,7 @@ def test_a_fixed_batch_export_runs_tiles_in_turn_with_the_same_result(
 def test_the_preprocessor_makes_one_batch_of_all_crops() -> None:
     image = np.random.default_rng(0).integers(0, 255, (540, 960, 3), dtype=np.uint8)
     tiling = TilingConfig(enabled=True, full_frame=False)
-    pre = Preprocessor(PreprocessConfig(input_size=416, device="cpu", tiling=tiling))
+    pre = Preprocessor(PreprocessConfig(input_size=416, device=Device.CPU, tiling=tiling))
     packet = pre.process(FramePacket("0", 0, 0.0, image, 0.0))
     tiled = packet.model_input
     assert isinstance(tiled, TiledInput)
