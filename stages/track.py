@@ -117,6 +117,21 @@ class ScaledTransformation(CoordinatesTransformation):
         return out
 
 
+class ChainedTransformation(CoordinatesTransformation):
+    """``base`` (first frame -> a later reference frame) then ``inner`` (that reference -> now):
+    how the estimate stays in the stream's first-frame coordinates after a restart."""
+
+    def __init__(self, base: CoordinatesTransformation, inner: CoordinatesTransformation) -> None:
+        self.base = base
+        self.inner = inner
+
+    def abs_to_rel(self, points: np.ndarray) -> np.ndarray:
+        return self.inner.abs_to_rel(self.base.abs_to_rel(points))
+
+    def rel_to_abs(self, points: np.ndarray) -> np.ndarray:
+        return self.base.rel_to_abs(self.inner.rel_to_abs(points))
+
+
 class CameraMotion:
     """One stream's camera-motion estimate: frame and boxes in, transformation out.
 
@@ -126,14 +141,20 @@ class CameraMotion:
 
     def __init__(self, config: CameraMotionConfig) -> None:
         self.config = config
+        self._estimator = self._new_estimator()
+        self._last: CoordinatesTransformation | None = None
+        # After a restart: first frame -> the restarted estimator's reference frame.
+        self._base: CoordinatesTransformation | None = None
+        self.failures = 0
+
+    def _new_estimator(self) -> MotionEstimator:
+        config = self.config
         getter = (HomographyTransformationGetter() if config.model is MotionModel.HOMOGRAPHY
                   else TranslationTransformationGetter())
-        self._estimator = MotionEstimator(
+        return MotionEstimator(
             max_points=config.max_points, min_distance=config.min_distance_px,
             transformations_getter=getter,
         )
-        self._last: CoordinatesTransformation | None = None
-        self.failures = 0
 
     def update(self, image_rgb_u8: np.ndarray, boxes_xyxy: np.ndarray | None) -> CoordinatesTransformation | None:
         """The transformation from the stream's first frame to this one (image pixels).
@@ -164,11 +185,14 @@ class CameraMotion:
         except (cv2.error, np.linalg.LinAlgError, TypeError, ValueError) as exc:
             self.failures += 1
             logger.debug("camera motion: no estimate on this frame (%s); keeping the last", exc)
-            # Start again from this frame next time: the old reference may be lost for good.
-            self._estimator.prev_pts = None
-            self._estimator.gray_prvs = None
+            # Start again from the next frame (the old reference may be lost for good), chained
+            # to the last estimate: tracks live in first-frame coordinates, and a new origin
+            # would move every one of them at once.
+            self._estimator = self._new_estimator()
+            self._base = self._last
             return self._last
-        self._last = ScaledTransformation(found, scale) if scale < 1.0 else found
+        estimate: CoordinatesTransformation = ScaledTransformation(found, scale) if scale < 1.0 else found
+        self._last = estimate if self._base is None else ChainedTransformation(self._base, estimate)
         return self._last
 
 
