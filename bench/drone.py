@@ -35,6 +35,7 @@ import av
 import cv2
 import numpy as np
 import torch
+from norfair.camera_motion import HomographyTransformation
 
 from bench.common import configure_logging, machine_info, write_json
 from dfine.backends.device import Device
@@ -42,7 +43,7 @@ from stages.frame import Detections, FramePacket
 from stages.infer import InferConfig, InferenceStage, make_backend, prepare_model
 from stages.preprocess import PreprocessConfig, Preprocessor
 from stages.tiling import TilingConfig
-from stages.track import CameraMotionConfig, MotionModel, TrackConfig, Tracker
+from stages.track import CameraMotionConfig, MotionModel, TrackConfig, Tracker, _StreamState
 
 logger = logging.getLogger(__name__)
 
@@ -171,8 +172,29 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
-def _tracked(frames: Iterator[tuple[np.ndarray, Detections]], config: TrackConfig) -> tuple[list[Detections], Tracker]:
+class KnownMotion:
+    """The true camera motion in ``CameraMotion``'s place (the estimator's upper bound)."""
+
+    failures = 0
+
+    def __init__(self, matrices: list[np.ndarray]) -> None:
+        self._matrices = matrices
+        self._t = 0
+
+    def update(self, image_rgb_u8: np.ndarray, boxes_xyxy: np.ndarray | None) -> HomographyTransformation:
+        # First warped frame -> this one: H_t H_0^-1.
+        matrix = self._matrices[self._t] @ np.linalg.inv(self._matrices[0])
+        self._t += 1
+        return HomographyTransformation(matrix)
+
+
+def _tracked(
+    frames: Iterator[tuple[np.ndarray, Detections]], config: TrackConfig, known: list[np.ndarray] | None = None
+) -> tuple[list[Detections], Tracker]:
     tracker = Tracker(config)
+    if known is not None:
+        # The tracker's own state for stream "0", with the known motion as its estimator.
+        tracker._streams["0"] = _StreamState(tracker=tracker._new_tracker(), motion=KnownMotion(known))  # type: ignore[arg-type]
     out = []
     for i, (image, dets) in enumerate(frames):
         packet = tracker.process(FramePacket("0", i, i / 30.0, image, 0.0, detections=dets))
@@ -202,6 +224,17 @@ def camera_motion(teacher: Path, clip: Path, n_frames: int, threads: int) -> dic
     motion = tracker.stats()
     translation = TrackConfig(camera_motion=CameraMotionConfig(enabled=True, model=MotionModel.TRANSLATION))
     runs["warped, compensated (translation)"], _ = _tracked(zip(warped, dets_warped), translation)
+    runs["warped, true motion"], _ = _tracked(zip(warped, dets_warped), cmc, known=matrices)
+    # Exact detections: the original's boxes through the known homography (inside the view), so
+    # only the camera differs from the original; with none, estimated and the true motion.
+    exact = []
+    for dets, matrix in zip(dets_original, matrices):
+        boxes = _map_boxes(dets.boxes_xyxy, matrix)
+        inside = (boxes[:, 0] >= 0) & (boxes[:, 1] >= 0) & (boxes[:, 2] <= w) & (boxes[:, 3] <= h)
+        exact.append(Detections(boxes[inside], dets.scores[inside], dets.class_ids[inside]))
+    runs["exact boxes, no compensation"], _ = _tracked(zip(warped, exact), base)
+    runs["exact boxes, compensated"], _ = _tracked(zip(warped, exact), cmc)
+    runs["exact boxes, true motion"], _ = _tracked(zip(warped, exact), cmc, known=matrices)
 
     # Reference tracks: confirmed ids of the original seen on >= 10 frames.
     lengths = Counter(int(t) for d in reference for t in d.track_ids if t >= 0)
