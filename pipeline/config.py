@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.schema import ConfigError, from_dict
+from pipeline.schema import ConfigError, load_yaml
 from stages.analytics.config import StreamAnalyticsConfig
 from stages.decode import DecodeConfig
 from stages.infer import Backend, Device, InferConfig
@@ -121,18 +119,7 @@ class CliOverrides:
 
 def load_config(path: Path) -> AppConfig:
     """Read and validate a YAML config; errors name the file and the key path."""
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path} (see configs/ for examples)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    try:
-        return from_dict(AppConfig, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return load_yaml(AppConfig, path, missing=f"config file not found: {path} (see configs/ for examples)")
 
 
 def apply_overrides(config: AppConfig, cli: CliOverrides) -> AppConfig:

@@ -23,6 +23,25 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or of the wrong type; the message names its key path."""
 
 
+def load_yaml(cls: type[T], path: Path, missing: str) -> T:
+    """Dataclass ``cls`` from the YAML file ``path``; every error names the file (and the line or
+    key path). ``missing``: the message when the file does not exist."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(missing)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    try:
+        return from_dict(cls, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+
+
 def from_dict(cls: type[T], data: Any, path: str = "") -> T:
     """Build dataclass ``cls`` from ``data``; ``path`` prefixes key names in error messages."""
     if not dataclasses.is_dataclass(cls):

@@ -12,10 +12,8 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from dfine.train.settings import TrainDevice, TrainSettings
-from pipeline.schema import ConfigError, from_dict
+from pipeline.schema import ConfigError, load_yaml
 
 
 @dataclass(frozen=True)
@@ -40,18 +38,7 @@ class TrainOverrides:
 
 def load_train_config(path: Path) -> TrainSettings:
     """Read and validate a training YAML; errors name the file and the key path."""
-    if not path.is_file():
-        raise ConfigError(f"training config not found: {path} (see configs/train_n.yaml)")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    try:
-        return from_dict(TrainSettings, data)
-    except ConfigError as exc:
-        raise ConfigError(f"{path}: {exc}") from None
+    return load_yaml(TrainSettings, path, missing=f"training config not found: {path} (see configs/train_n.yaml)")
 
 
 def apply_train_overrides(settings: TrainSettings, cli: TrainOverrides) -> TrainSettings:
