@@ -138,14 +138,25 @@ def test_tiles_find_small_objects_the_whole_frame_misses(tmp_path: Path, media_d
          ["--source", "{media}/cars_320x240_mjpeg.avi"], "not empty"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, media_dir: Path, teacher: Path, make, args, message) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    tmp_path: Path, media_dir: Path, teacher: Path, capsys: pytest.CaptureFixture[str], make, args, message
+) -> None:
+    from pipeline.cli import main
+
     make(tmp_path)
     args = [a.format(d=tmp_path, media=media_dir) for a in args]
-    result = _label("--model", teacher, "--out", tmp_path / "out", *args, timeout=60)
+    code = main(["label", "--model", str(teacher), "--out", str(tmp_path / "out"), "--no-progress", *args])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], lines
+    assert not (tmp_path / "out" / "images").exists()  # refused before any frame was labelled
+
+
+def test_the_command_line_exits_2_in_one_line(tmp_path: Path, teacher: Path) -> None:
+    result = _label("--model", teacher, "--source", tmp_path / "missing.mp4", "--out", tmp_path / "out", timeout=60)
     assert result.returncode == 2
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
-    assert "Traceback" not in result.stderr
+    expected = f"finestream: error: --source {tmp_path}/missing.mp4: no such file or folder"
+    assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_renaming_to_a_kept_name_merges_classes() -> None:
