@@ -371,9 +371,10 @@ class PipelineMetrics:
                     f"{b.name:<16} {b.policy.value:<11} {f'{b.level}/{b.capacity}':>9} "
                     f"{b.high_water:>5} {b.put_count:>8} {b.dropped:>8}"
                 )
-        if self.counters:
+        counters = {name: values for name, values in self.counters.items() if values}
+        if counters:
             lines.append("")
-            for name, values in self.counters.items():
+            for name, values in counters.items():
                 shown = "  ".join(f"{k} {_counter(v)}" for k, v in values.items())
                 lines.append(f"{name:<16} {shown}")
         lines.append("")
