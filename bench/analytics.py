@@ -41,14 +41,20 @@ def make_config(n_lines: int, n_zones: int, rng: np.random.Generator) -> StreamA
         r = rng.uniform(80, 200)
         angles = np.sort(rng.uniform(0, 2 * np.pi, size=6))
         polygon = tuple((float(cx + r * np.cos(a)), float(cy + r * np.sin(a))) for a in angles)
-        zones.append(ZoneConfig(name=f"zone{i}", polygon=polygon, loiter_s=5.0, classes=(0, 2) if i % 2 else None))
+        zones.append(
+            ZoneConfig(
+                name=f"zone{i}", polygon=polygon, loiter_s=5.0, classes=(0, 2) if i % 2 else None
+            )
+        )
     return StreamAnalyticsConfig(lines=tuple(lines), zones=tuple(zones))
 
 
 def run(n_lines: int, n_zones: int, n_tracks: int, n_frames: int, seed: int = 0) -> dict[str, Any]:
     rng = np.random.default_rng(seed)
     events: list[dict[str, Any]] = []
-    stage = AnalyticsStage([make_config(n_lines, n_zones, rng)], ["person", "bicycle", "car"], events.append)
+    stage = AnalyticsStage(
+        [make_config(n_lines, n_zones, rng)], ["person", "bicycle", "car"], events.append
+    )
     ids = np.arange(1, n_tracks + 1, dtype=np.int64)
     xy = rng.uniform([0, 0], [W, H], size=(n_tracks, 2))
     # Traffic at 30 fps seen from a pole: 1-10 px a frame, mostly down the picture, so each
@@ -66,15 +72,30 @@ def run(n_lines: int, n_zones: int, n_tracks: int, n_frames: int, seed: int = 0)
         # a new track somewhere else.
         gone = (rng.random(n_tracks) < 0.02) | (xy < 0).any(axis=1) | (xy >= [W, H]).any(axis=1)
         for k in np.flatnonzero(gone):
-            stage.on_event({"type": "track_ended", "stream": "0", "track_id": int(ids[k]),
-                            "frame": frame, "pts_s": pts_s})
+            stage.on_event(
+                {
+                    "type": "track_ended",
+                    "stream": "0",
+                    "track_id": int(ids[k]),
+                    "frame": frame,
+                    "pts_s": pts_s,
+                }
+            )
             ids[k], next_id = next_id, next_id + 1
             xy[k] = rng.uniform([0, 0], [W, H])
         boxes = np.concatenate([xy - [20, 60], xy + [20, 0]], axis=1).astype(np.float32)
         packet = FramePacket(
-            stream_id="0", index=frame, pts_s=pts_s, image_rgb_u8=image, arrival_s=0.0,
-            detections=Detections(boxes_xyxy=boxes, scores=np.full(n_tracks, 0.8, np.float32),
-                                  class_ids=classes, track_ids=ids.copy()),
+            stream_id="0",
+            index=frame,
+            pts_s=pts_s,
+            image_rgb_u8=image,
+            arrival_s=0.0,
+            detections=Detections(
+                boxes_xyxy=boxes,
+                scores=np.full(n_tracks, 0.8, np.float32),
+                class_ids=classes,
+                track_ids=ids.copy(),
+            ),
         )
         start, start_cpu = time.perf_counter(), time.thread_time()
         stage.process(packet)
@@ -86,13 +107,20 @@ def run(n_lines: int, n_zones: int, n_tracks: int, n_frames: int, seed: int = 0)
     for e in events:
         kinds[e["type"]] = kinds.get(e["type"], 0) + 1
     return {
-        "lines": n_lines, "zones": n_zones, "tracks": n_tracks, "frames": n_frames,
-        "mean_ms": float(times_ms.mean()), "p50_ms": float(np.percentile(times_ms, 50)),
-        "p95_ms": float(np.percentile(times_ms, 95)), "p99_ms": float(np.percentile(times_ms, 99)),
+        "lines": n_lines,
+        "zones": n_zones,
+        "tracks": n_tracks,
+        "frames": n_frames,
+        "mean_ms": float(times_ms.mean()),
+        "p50_ms": float(np.percentile(times_ms, 50)),
+        "p95_ms": float(np.percentile(times_ms, 95)),
+        "p99_ms": float(np.percentile(times_ms, 99)),
         # The thread's own CPU time: what the analytics cost, whatever else the machine runs.
-        "cpu_mean_ms": float(cpu_ms.mean()), "cpu_p50_ms": float(np.percentile(cpu_ms, 50)),
+        "cpu_mean_ms": float(cpu_ms.mean()),
+        "cpu_p50_ms": float(np.percentile(cpu_ms, 50)),
         "cpu_p95_ms": float(np.percentile(cpu_ms, 95)),
-        "events_per_frame": len(events) / n_frames, "events": kinds,
+        "events_per_frame": len(events) / n_frames,
+        "events": kinds,
     }
 
 
@@ -108,12 +136,18 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.verbose)
     result = run(args.lines, args.zones, args.tracks, args.frames)
     result["machine"] = machine_info()
-    print(f"analytics: {result['lines']} lines, {result['zones']} zones, {result['tracks']} tracks, "
-          f"{result['frames']} frames")
-    print(f"  per frame: mean {result['mean_ms']:.3f} ms  p50 {result['p50_ms']:.3f}  "
-          f"p95 {result['p95_ms']:.3f}  p99 {result['p99_ms']:.3f}  (target < 1 ms)")
-    print(f"  thread CPU per frame: mean {result['cpu_mean_ms']:.3f} ms  p50 {result['cpu_p50_ms']:.3f}  "
-          f"p95 {result['cpu_p95_ms']:.3f}  (load average: {result['machine'].get('load_avg_1_5_15')})")
+    print(
+        f"analytics: {result['lines']} lines, {result['zones']} zones, {result['tracks']} tracks, "
+        f"{result['frames']} frames"
+    )
+    print(
+        f"  per frame: mean {result['mean_ms']:.3f} ms  p50 {result['p50_ms']:.3f}  "
+        f"p95 {result['p95_ms']:.3f}  p99 {result['p99_ms']:.3f}  (target < 1 ms)"
+    )
+    print(
+        f"  thread CPU per frame: mean {result['cpu_mean_ms']:.3f} ms  p50 {result['cpu_p50_ms']:.3f}  "
+        f"p95 {result['cpu_p95_ms']:.3f}  (load average: {result['machine'].get('load_avg_1_5_15')})"
+    )
     print(f"  events per frame: {result['events_per_frame']:.2f}  {result['events']}")
     write_json(args.json, result)
 

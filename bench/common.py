@@ -167,7 +167,10 @@ def loop_clip(source: Path, destination: Path, repeats: int) -> Path:
     step = _packet_step(packets)
     span = max(pts_values) - min(pts_values) + step
     destination.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(source)) as reader, av.open(str(destination), mode="w", format="mp4") as writer:
+    with (
+        av.open(str(source)) as reader,
+        av.open(str(destination), mode="w", format="mp4") as writer,
+    ):
         in_stream = reader.streams.video[0]
         out_stream = writer.add_stream_from_template(in_stream)
         for repeat in range(repeats):
@@ -184,7 +187,10 @@ def loop_clip(source: Path, destination: Path, repeats: int) -> Path:
                 writer.mux(packet)
     logger.info(
         "looped %s %d times into %s (%.2f s per pass)",
-        source.name, repeats, destination, float(span * time_base),
+        source.name,
+        repeats,
+        destination,
+        float(span * time_base),
     )
     return destination
 

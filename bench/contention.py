@@ -101,7 +101,9 @@ def _start_neighbour(kind: str, cpus: set[int], clip: Path) -> subprocess.Popen[
     command = [sys.executable, "-m", "bench.contention", "--neighbour", kind, "--clip", str(clip)]
     # The child pins itself before it starts working (sched_setaffinity on its own pid).
     return subprocess.Popen(
-        command, cwd=REPO, preexec_fn=lambda: os.sched_setaffinity(0, cpus),
+        command,
+        cwd=REPO,
+        preexec_fn=lambda: os.sched_setaffinity(0, cpus),
         stdout=subprocess.DEVNULL,
     )
 
@@ -120,7 +122,9 @@ def measure(
 
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
-        raise ValueError(f"needs at least 2 cores to put a neighbour beside the inference, has {len(cpus)}")
+        raise ValueError(
+            f"needs at least 2 cores to put a neighbour beside the inference, has {len(cpus)}"
+        )
     inference_cpu, neighbour_cpus = cpus[0], set(cpus[1:])
     # As the app does beside ONNX Runtime: torch only resizes, and an OpenMP pool left
     # spin-waiting after the resize would take the inference's own core.
@@ -132,8 +136,14 @@ def measure(
     packet = next(iter(source.items()))
     source.teardown()
     preprocessor = Preprocessor(PreprocessConfig(input_size=imgsz, device=PreprocessDevice.CPU))
-    config = InferConfig(backend=Backend.ONNXRUNTIME, model=model, size=size, imgsz=imgsz,
-                         device=Device.CPU, intra_op_threads=1)
+    config = InferConfig(
+        backend=Backend.ONNXRUNTIME,
+        model=model,
+        size=size,
+        imgsz=imgsz,
+        device=Device.CPU,
+        intra_op_threads=1,
+    )
     stage = InferenceStage(config, lambda: make_backend(config))
     stage.setup()
 
@@ -159,13 +169,19 @@ def measure(
                 if neighbour is not None:
                     neighbour.kill()
                     neighbour.wait()
-            logger.info("round %d, %s: %.1f ms", round_index, kind, statistics.median(calls[kind][-runs:]))
+            logger.info(
+                "round %d, %s: %.1f ms", round_index, kind, statistics.median(calls[kind][-runs:])
+            )
     stage.teardown()
     idle = statistics.median(calls["idle"])
     rows = [
-        {"neighbour": kind, "median_ms": round(statistics.median(ms), 2),
-         "min_ms": round(min(ms), 2), "calls": len(ms),
-         "vs_idle": round(statistics.median(ms) / idle, 3)}
+        {
+            "neighbour": kind,
+            "median_ms": round(statistics.median(ms), 2),
+            "min_ms": round(min(ms), 2),
+            "calls": len(ms),
+            "vs_idle": round(statistics.median(ms) / idle, 3),
+        }
         for kind, ms in calls.items()
     ]
     return {
@@ -201,10 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (.pth) or .onnx")
     parser.add_argument("--size", default="n", help="D-FINE size (n, s, m, l, x)")
     parser.add_argument("--imgsz", type=int, default=640)
-    parser.add_argument("--clip", type=Path, default=DEFAULT_CLIP,
-                        help="the frame to infer on, and what the x264 neighbour encodes")
+    parser.add_argument(
+        "--clip",
+        type=Path,
+        default=DEFAULT_CLIP,
+        help="the frame to infer on, and what the x264 neighbour encodes",
+    )
     parser.add_argument("--runs", type=int, default=10, help="timed calls per neighbour and round")
-    parser.add_argument("--rounds", type=int, default=3, help="rounds over all neighbours, interleaved")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="rounds over all neighbours, interleaved"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("--neighbour", choices=NEIGHBOURS[1:], default=None, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -221,8 +243,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: no clip at {args.clip}; pass --clip PATH to a video", file=sys.stderr)
         return 2
     if args.runs < 1 or args.rounds < 1:
-        print(f"error: --runs and --rounds must be >= 1, got {args.runs} and {args.rounds}",
-              file=sys.stderr)
+        print(
+            f"error: --runs and --rounds must be >= 1, got {args.runs} and {args.rounds}",
+            file=sys.stderr,
+        )
         return 2
     argv_list = list(sys.argv[1:] if argv is None else argv)
     info = machine_info()

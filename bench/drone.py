@@ -77,7 +77,9 @@ def write_upscaled(frames: list[np.ndarray], factor: int, path: Path) -> Path:
         stream.width, stream.height, stream.pix_fmt = w * factor, h * factor, "yuv420p"
         stream.options = {"crf": "12", "preset": "veryfast"}
         for rgb in frames:
-            big = cv2.resize(rgb, (w * factor, h * factor), interpolation=cv2.INTER_CUBIC).astype(np.uint8)
+            big = cv2.resize(rgb, (w * factor, h * factor), interpolation=cv2.INTER_CUBIC).astype(
+                np.uint8
+            )
             for packet in stream.encode(av.VideoFrame.from_ndarray(big, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():
@@ -89,14 +91,23 @@ class Detector:
     """The preprocessor and inference stages of a run, called in turn on one thread."""
 
     def __init__(self, teacher: Path, tiling: TilingConfig, threads: int) -> None:
-        prepared = prepare_model(InferConfig(model=teacher, score_threshold=SCORE, intra_op_threads=threads,
-                                             tiling=tiling, device=Device.CPU))
+        prepared = prepare_model(
+            InferConfig(
+                model=teacher,
+                score_threshold=SCORE,
+                intra_op_threads=threads,
+                tiling=tiling,
+                device=Device.CPU,
+            )
+        )
         config = prepared.config
         assert config.imgsz is not None
         self.imgsz = config.imgsz
         self.infer = InferenceStage(config, lambda: make_backend(config, prepared.info))
         self.infer.setup()
-        self.pre = Preprocessor(PreprocessConfig(input_size=config.imgsz, device=Device.CPU, tiling=tiling))
+        self.pre = Preprocessor(
+            PreprocessConfig(input_size=config.imgsz, device=Device.CPU, tiling=tiling)
+        )
 
     def __call__(self, index: int, image: np.ndarray) -> Detections:
         packet = FramePacket("0", index, index / 30.0, image, time.monotonic())
@@ -105,7 +116,9 @@ class Detector:
         return packet.detections
 
 
-def small_objects(teacher: Path, clips: dict[str, Path], frames: dict[str, int], threads: int) -> list[dict[str, Any]]:
+def small_objects(
+    teacher: Path, clips: dict[str, Path], frames: dict[str, int], threads: int
+) -> list[dict[str, Any]]:
     rows = []
     for name, path in clips.items():
         images = read_frames(path, frames[name])
@@ -123,10 +136,17 @@ def small_objects(teacher: Path, clips: dict[str, Path], frames: dict[str, int],
                 small += int((wh.max(axis=1) < SMALL_PX).sum())
             total = sum(counts)
             row = {
-                "clip": name, "size": f"{w}x{h}", "frames": len(images), "mode": mode,
-                "crops": len(detector.pre.process(FramePacket("0", 0, 0, images[0], 0)).model_input.crops)
-                if tiling.enabled else 1,
-                "dets_per_frame": total / len(images), "small_per_frame": small / len(images),
+                "clip": name,
+                "size": f"{w}x{h}",
+                "frames": len(images),
+                "mode": mode,
+                "crops": len(
+                    detector.pre.process(FramePacket("0", 0, 0, images[0], 0)).model_input.crops
+                )
+                if tiling.enabled
+                else 1,
+                "dets_per_frame": total / len(images),
+                "small_per_frame": small / len(images),
                 "small_share": small / total if total else 0.0,
                 "ms_per_frame": 1000 * float(np.median(times)),
             }
@@ -156,8 +176,18 @@ def _map_boxes(boxes_xyxy: np.ndarray, matrix: np.ndarray) -> np.ndarray:
     if not len(boxes_xyxy):
         return boxes_xyxy.reshape(0, 4)
     x1, y1, x2, y2 = boxes_xyxy.T
-    corners = np.stack([np.stack([x1, y1], 1), np.stack([x2, y1], 1), np.stack([x1, y2], 1), np.stack([x2, y2], 1)], 1)
-    mapped = cv2.perspectiveTransform(corners.reshape(-1, 1, 2).astype(np.float64), matrix).reshape(-1, 4, 2)
+    corners = np.stack(
+        [
+            np.stack([x1, y1], 1),
+            np.stack([x2, y1], 1),
+            np.stack([x1, y2], 1),
+            np.stack([x2, y2], 1),
+        ],
+        1,
+    )
+    mapped = cv2.perspectiveTransform(corners.reshape(-1, 1, 2).astype(np.float64), matrix).reshape(
+        -1, 4, 2
+    )
     return np.concatenate([mapped.min(1), mapped.max(1)], 1).astype(np.float32)
 
 
@@ -181,7 +211,9 @@ class KnownMotion:
         self._matrices = matrices
         self._t = 0
 
-    def update(self, image_rgb_u8: np.ndarray, boxes_xyxy: np.ndarray | None) -> HomographyTransformation:
+    def update(
+        self, image_rgb_u8: np.ndarray, boxes_xyxy: np.ndarray | None
+    ) -> HomographyTransformation:
         # First warped frame -> this one: H_t H_0^-1.
         matrix = self._matrices[self._t] @ np.linalg.inv(self._matrices[0])
         self._t += 1
@@ -189,12 +221,16 @@ class KnownMotion:
 
 
 def _tracked(
-    frames: Iterator[tuple[np.ndarray, Detections]], config: TrackConfig, known: list[np.ndarray] | None = None
+    frames: Iterator[tuple[np.ndarray, Detections]],
+    config: TrackConfig,
+    known: list[np.ndarray] | None = None,
 ) -> tuple[list[Detections], Tracker]:
     tracker = Tracker(config)
     if known is not None:
         # The tracker's own state for stream "0", with the known motion as its estimator.
-        tracker._streams["0"] = _StreamState(tracker=tracker._new_tracker(), motion=KnownMotion(known))  # type: ignore[arg-type]
+        tracker._streams["0"] = _StreamState(
+            tracker=tracker._new_tracker(), motion=KnownMotion(known)
+        )  # type: ignore[arg-type]
     out = []
     for i, (image, dets) in enumerate(frames):
         packet = tracker.process(FramePacket("0", i, i / 30.0, image, 0.0, detections=dets))
@@ -211,7 +247,10 @@ def camera_motion(teacher: Path, clip: Path, n_frames: int, threads: int) -> dic
     # have tracks to compare (0.5 a frame, bench table above).
     detector = Detector(teacher, MODES["tiled + whole"], threads)
     matrices = [camera_homography(t, w, h) for t in range(len(originals))]
-    warped = [cv2.warpPerspective(img, m, (w, h), flags=cv2.INTER_LINEAR) for img, m in zip(originals, matrices)]
+    warped = [
+        cv2.warpPerspective(img, m, (w, h), flags=cv2.INTER_LINEAR)
+        for img, m in zip(originals, matrices)
+    ]
     dets_original = [detector(i, img) for i, img in enumerate(originals)]
     dets_warped = [detector(i, img) for i, img in enumerate(warped)]
 
@@ -222,7 +261,9 @@ def camera_motion(teacher: Path, clip: Path, n_frames: int, threads: int) -> dic
     cmc = TrackConfig(camera_motion=CameraMotionConfig(enabled=True))
     runs["warped, compensated"], tracker = _tracked(zip(warped, dets_warped), cmc)
     motion = tracker.stats()
-    translation = TrackConfig(camera_motion=CameraMotionConfig(enabled=True, model=MotionModel.TRANSLATION))
+    translation = TrackConfig(
+        camera_motion=CameraMotionConfig(enabled=True, model=MotionModel.TRANSLATION)
+    )
     runs["warped, compensated (translation)"], _ = _tracked(zip(warped, dets_warped), translation)
     runs["warped, true motion"], _ = _tracked(zip(warped, dets_warped), cmc, known=matrices)
     # Exact detections: the original's boxes through the known homography (inside the view), so
@@ -239,17 +280,28 @@ def camera_motion(teacher: Path, clip: Path, n_frames: int, threads: int) -> dic
     # Reference tracks: confirmed ids of the original seen on >= 10 frames.
     lengths = Counter(int(t) for d in reference for t in d.track_ids if t >= 0)
     long_ids = {t for t, n in lengths.items() if n >= 10}
-    result: dict[str, Any] = {"frames": len(originals), "size": f"{w}x{h}", "reference_tracks": len(long_ids),
-                              "motion_ms_per_frame": motion.get("motion_ms_per_frame"),
-                              "motion_failures": motion.get("motion_failures"), "runs": {}}
+    result: dict[str, Any] = {
+        "frames": len(originals),
+        "size": f"{w}x{h}",
+        "reference_tracks": len(long_ids),
+        "motion_ms_per_frame": motion.get("motion_ms_per_frame"),
+        "motion_failures": motion.get("motion_failures"),
+        "runs": {},
+    }
     for name, run in runs.items():
-        matched: dict[int, list[int]] = defaultdict(list)  # reference id -> ids seen on it, per frame
+        matched: dict[int, list[int]] = defaultdict(
+            list
+        )  # reference id -> ids seen on it, per frame
         for t, (ref, dets) in enumerate(zip(reference, run)):
             keep = np.isin(ref.track_ids, list(long_ids))
             if not keep.any():
                 continue
             ref_boxes, ref_ids = ref.boxes_xyxy[keep], ref.track_ids[keep]
-            boxes = dets.boxes_xyxy if name == "original" else _map_boxes(dets.boxes_xyxy, np.linalg.inv(matrices[t]))
+            boxes = (
+                dets.boxes_xyxy
+                if name == "original"
+                else _map_boxes(dets.boxes_xyxy, np.linalg.inv(matrices[t]))
+            )
             iou = _iou(ref_boxes, boxes) if len(boxes) else np.zeros((len(ref_boxes), 0))
             for r, ref_id in enumerate(ref_ids.tolist()):
                 j = int(iou[r].argmax()) if iou.shape[1] else -1
@@ -258,8 +310,10 @@ def camera_motion(teacher: Path, clip: Path, n_frames: int, threads: int) -> dic
         ids_per_track = [len({i for i in seen if i >= 0}) for seen in matched.values()]
         frames_total = sum(len(seen) for seen in matched.values())
         covered = sum(sum(1 for i in seen if i >= 0) for seen in matched.values())
-        switches = sum(sum(1 for a, b in zip([i for i in s if i >= 0], [i for i in s if i >= 0][1:]) if a != b)
-                       for s in matched.values())
+        switches = sum(
+            sum(1 for a, b in zip([i for i in s if i >= 0], [i for i in s if i >= 0][1:]) if a != b)
+            for s in matched.values()
+        )
         all_ids = {int(t) for d in run for t in d.track_ids if t >= 0}
         result["runs"][name] = {
             "ids": len(all_ids),
@@ -272,10 +326,16 @@ def camera_motion(teacher: Path, clip: Path, n_frames: int, threads: int) -> dic
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", type=Path, default=SHARED / "teachers" / "nanodet_coco_416.onnx")
+    parser.add_argument(
+        "--teacher", type=Path, default=SHARED / "teachers" / "nanodet_coco_416.onnx"
+    )
     parser.add_argument("--media", type=Path, default=SHARED / "media")
-    parser.add_argument("--frames", type=int, default=30, help="frames of the 2x and 1080p excerpts")
-    parser.add_argument("--frames-4x", type=int, default=8, help="frames of the 4x excerpt (about 85 tiles each)")
+    parser.add_argument(
+        "--frames", type=int, default=30, help="frames of the 2x and 1080p excerpts"
+    )
+    parser.add_argument(
+        "--frames-4x", type=int, default=8, help="frames of the 4x excerpt (about 85 tiles each)"
+    )
     parser.add_argument("--track-frames", type=int, default=120)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--skip-tiling", action="store_true")
@@ -285,34 +345,54 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(args.verbose)
     torch.set_num_threads(1)  # torch only resizes here; the model runs in ONNX Runtime
     highway = args.media / "traffic_highway_960x540.mp4"
-    result: dict[str, Any] = {"machine": machine_info(), "teacher": str(args.teacher), "score_threshold": SCORE}
+    result: dict[str, Any] = {
+        "machine": machine_info(),
+        "teacher": str(args.teacher),
+        "score_threshold": SCORE,
+    }
     if not args.skip_tiling:
         with tempfile.TemporaryDirectory() as tmp:
             excerpt = read_frames(highway, max(args.frames, args.frames_4x))
             clips = {
-                "highway 2x": write_upscaled(excerpt[: args.frames], 2, Path(tmp) / "highway_2x.mp4"),
-                "highway 4x": write_upscaled(excerpt[: args.frames_4x], 4, Path(tmp) / "highway_4x.mp4"),
+                "highway 2x": write_upscaled(
+                    excerpt[: args.frames], 2, Path(tmp) / "highway_2x.mp4"
+                ),
+                "highway 4x": write_upscaled(
+                    excerpt[: args.frames_4x], 4, Path(tmp) / "highway_4x.mp4"
+                ),
                 "street 1080p": args.media / "pedestrians_night_street_1080p_mpeg4.mp4",
             }
-            frames = {"highway 2x": args.frames, "highway 4x": args.frames_4x, "street 1080p": args.frames}
+            frames = {
+                "highway 2x": args.frames,
+                "highway 4x": args.frames_4x,
+                "street 1080p": args.frames,
+            }
             result["tiling"] = small_objects(args.teacher, clips, frames, args.threads)
-        print(f"| clip | frames | mode | crops | detections / frame | under {SMALL_PX} px / frame "
-              f"| share under {SMALL_PX} px | ms / frame |")
+        print(
+            f"| clip | frames | mode | crops | detections / frame | under {SMALL_PX} px / frame "
+            f"| share under {SMALL_PX} px | ms / frame |"
+        )
         print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
         for r in result["tiling"]:
-            print(f"| {r['clip']} ({r['size']}) | {r['frames']} | {r['mode']} | {r['crops']} "
-                  f"| {r['dets_per_frame']:.1f} | {r['small_per_frame']:.1f} | {100 * r['small_share']:.0f} % "
-                  f"| {r['ms_per_frame']:.0f} |")
+            print(
+                f"| {r['clip']} ({r['size']}) | {r['frames']} | {r['mode']} | {r['crops']} "
+                f"| {r['dets_per_frame']:.1f} | {r['small_per_frame']:.1f} | {100 * r['small_share']:.0f} % "
+                f"| {r['ms_per_frame']:.0f} |"
+            )
     cm = camera_motion(args.teacher, highway, args.track_frames, args.threads)
     result["camera_motion"] = cm
     print()
-    print(f"camera motion: {cm['frames']} frames {cm['size']}, {cm['reference_tracks']} reference tracks "
-          f"(original, >= 10 frames); compensation {cm['motion_ms_per_frame']} ms / frame, "
-          f"{cm['motion_failures']} failed frames")
+    print(
+        f"camera motion: {cm['frames']} frames {cm['size']}, {cm['reference_tracks']} reference tracks "
+        f"(original, >= 10 frames); compensation {cm['motion_ms_per_frame']} ms / frame, "
+        f"{cm['motion_failures']} failed frames"
+    )
     print("| clip | ids | fragments | id switches | reference frames with a confirmed id |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in cm["runs"].items():
-        print(f"| {name} | {r['ids']} | {r['fragments']} | {r['id_switches']} | {100 * r['coverage']:.0f} % |")
+        print(
+            f"| {name} | {r['ids']} | {r['fragments']} | {r['id_switches']} | {100 * r['coverage']:.0f} % |"
+        )
     print(f"\nload average (1, 5, 15 min) at the start: {result['machine']['load_avg_1_5_15']}")
     write_json(args.json, result)
 

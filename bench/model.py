@@ -85,7 +85,11 @@ def _time(call: Callable[[], Any], warmup: int, runs: int) -> list[float]:
 
 
 def measure(
-    sizes: Sequence[str], imgszs: Sequence[int], runs: int, warmup: int, thread_counts: Sequence[int]
+    sizes: Sequence[str],
+    imgszs: Sequence[int],
+    runs: int,
+    warmup: int,
+    thread_counts: Sequence[int],
 ) -> list[Timing]:
     import dfine
     from dfine.backends.base import DetectorBackend
@@ -101,27 +105,49 @@ def measure(
             for imgsz in imgszs:
                 generator = torch.Generator().manual_seed(1)
                 images = torch.rand(1, 3, imgsz, imgsz, generator=generator)
-                path = export_onnx(model, dfine.PostProcessor(), Path(tmp) / f"{size}{imgsz}.onnx", imgsz=imgsz)
+                path = export_onnx(
+                    model, dfine.PostProcessor(), Path(tmp) / f"{size}{imgsz}.onnx", imgsz=imgsz
+                )
                 for threads in thread_counts:
                     # TorchBackend sets torch's process-wide thread count; ORT's is per session.
                     backends: list[tuple[str, DetectorBackend]] = [
-                        ("torch-cpu", TorchBackend(
-                            model, dfine.PostProcessor(), input_size_hw=(imgsz, imgsz),
-                            intra_op_threads=threads,
-                        )),
-                        ("onnxruntime-cpu", OnnxRuntimeBackend(
-                            path, providers=["CPUExecutionProvider"], intra_op_threads=threads
-                        )),
+                        (
+                            "torch-cpu",
+                            TorchBackend(
+                                model,
+                                dfine.PostProcessor(),
+                                input_size_hw=(imgsz, imgsz),
+                                intra_op_threads=threads,
+                            ),
+                        ),
+                        (
+                            "onnxruntime-cpu",
+                            OnnxRuntimeBackend(
+                                path, providers=["CPUExecutionProvider"], intra_op_threads=threads
+                            ),
+                        ),
                     ]
                     for runtime, backend in backends:
                         times = _time(lambda b=backend, x=images: b(x, sizes_wh), warmup, runs)
                         q = np.percentile(times, [10, 90])
-                        timing = Timing(size, imgsz, runtime, threads, weights, statistics.median(times),
-                                        float(q[0]), float(q[1]), min(times), runs,
-                                        round(os.getloadavg()[0], 2))
+                        timing = Timing(
+                            size,
+                            imgsz,
+                            runtime,
+                            threads,
+                            weights,
+                            statistics.median(times),
+                            float(q[0]),
+                            float(q[1]),
+                            min(times),
+                            runs,
+                            round(os.getloadavg()[0], 2),
+                        )
                         logger.info("%s", timing)
-                        print(f"  {size} {imgsz} {runtime} x{threads}: median {timing.median_ms:.1f} ms",
-                              file=sys.stderr)
+                        print(
+                            f"  {size} {imgsz} {runtime} x{threads}: median {timing.median_ms:.1f} ms",
+                            file=sys.stderr,
+                        )
                         results.append(timing)
     return results
 
@@ -140,27 +166,34 @@ def format_table(results: Sequence[Timing]) -> str:
     return "\n".join(lines)
 
 
-def format_section(results: Sequence[Timing], info: dict[str, Any], command: str,
-                   load_before: Sequence[float], load_after: Sequence[float]) -> str:
+def format_section(
+    results: Sequence[Timing],
+    info: dict[str, Any],
+    command: str,
+    load_before: Sequence[float],
+    load_after: Sequence[float],
+) -> str:
     versions = ", ".join(f"{k} {v}" for k, v in info["versions"].items())
-    return "\n".join([
-        SECTION,
-        "",
-        "Batch 1, postprocessing included (labels/boxes/scores as host arrays), median of the "
-        "timed runs after warm-up. The inference stage's per-frame cost is this plus moving the "
-        "tensor in and building `Detections` (negligible).",
-        "",
-        f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, no GPU",
-        f"- Date: {info['date']}",
-        f"- Software: {versions}",
-        f"- Load average (1, 5, 15 min) before: {list(load_before)}, after: {list(load_after)}; "
-        "the `load` column is the 1-minute load right after each row's runs (other work on "
-        "the machine shows there: above the core count, figures are inflated)",
-        f"- Command: `{command}`",
-        "",
-        format_table(results),
-        "",
-    ])
+    return "\n".join(
+        [
+            SECTION,
+            "",
+            "Batch 1, postprocessing included (labels/boxes/scores as host arrays), median of the "
+            "timed runs after warm-up. The inference stage's per-frame cost is this plus moving the "
+            "tensor in and building `Detections` (negligible).",
+            "",
+            f"- Machine: {info['cpu']}, {info['cores']} cores, {info['ram_gib']} GiB RAM, no GPU",
+            f"- Date: {info['date']}",
+            f"- Software: {versions}",
+            f"- Load average (1, 5, 15 min) before: {list(load_before)}, after: {list(load_after)}; "
+            "the `load` column is the 1-minute load right after each row's runs (other work on "
+            "the machine shows there: above the core count, figures are inflated)",
+            f"- Command: `{command}`",
+            "",
+            format_table(results),
+            "",
+        ]
+    )
 
 
 def write_section(section: str, path: Path = RESULTS) -> None:
@@ -172,7 +205,9 @@ def write_section(section: str, path: Path = RESULTS) -> None:
     if start is None:
         new = text.rstrip("\n") + "\n\n" + section
     else:
-        end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
         rest = "".join(lines[end:])
         new = "".join(lines[:start]) + section + ("\n" + rest if rest else "")
     path.write_text(new)
@@ -186,14 +221,21 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.model", description=__doc__.split("\n")[0]
+    )
     parser.add_argument("--sizes", default="n,s", help="comma list of D-FINE sizes (default n,s)")
-    parser.add_argument("--imgsz", type=_int_list, default=[320, 640], help="comma list (default 320,640)")
+    parser.add_argument(
+        "--imgsz", type=_int_list, default=[320, 640], help="comma list (default 320,640)"
+    )
     parser.add_argument("--runs", type=int, default=20, help="timed runs per configuration (>= 20)")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=_int_list, default=[os.cpu_count() or 1],
-                        help="comma list of intra-op thread counts, same for both runtimes "
-                        "(default: all cores)")
+    parser.add_argument(
+        "--threads",
+        type=_int_list,
+        default=[os.cpu_count() or 1],
+        help="comma list of intra-op thread counts, same for both runtimes (default: all cores)",
+    )
     parser.add_argument("--write", action="store_true", help="record the table in bench/RESULTS.md")
     return parser
 
@@ -202,7 +244,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     sizes = [s.strip().lower() for s in args.sizes.split(",") if s.strip()]
     if args.runs < 20:
-        print("error: --runs must be at least 20 (medians of fewer runs are too noisy)", file=sys.stderr)
+        print(
+            "error: --runs must be at least 20 (medians of fewer runs are too noisy)",
+            file=sys.stderr,
+        )
         return 2
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     command = "python -m bench.model " + " ".join(

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 import dfine
 
-OFFICIAL_PARAMS = {"n": 3_782_693, "s": 10_321_877, "m": 19_590_064, "l": 31_244_152, "x": 62_621_560}
+OFFICIAL_PARAMS = {
+    "n": 3_782_693,
+    "s": 10_321_877,
+    "m": 19_590_064,
+    "l": 31_244_152,
+    "x": 62_621_560,
+}
 
 
 def main() -> int:
@@ -21,7 +27,9 @@ def main() -> int:
         ours = sum(p.numel() for p in model.parameters())
         ok &= ours == official
         verdict = "yes" if ours == official else "NO"
-        print(f"{size.upper():<6}{dfine.SIZES[size].backbone:<10}{ours:>14,}{official:>14,}  {verdict}")
+        print(
+            f"{size.upper():<6}{dfine.SIZES[size].backbone:<10}{ours:>14,}{official:>14,}  {verdict}"
+        )
     return 0 if ok else 1
 
 

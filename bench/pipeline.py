@@ -240,7 +240,9 @@ def _take(items: Iterator[FramePacket], frames: int) -> Iterator[FramePacket]:
 # --- 1. each stage alone ------------------------------------------------------------------
 
 
-def decode_alone(config: BenchConfig, clip: Path, frames: int) -> tuple[list[FramePacket], StageTiming]:
+def decode_alone(
+    config: BenchConfig, clip: Path, frames: int
+) -> tuple[list[FramePacket], StageTiming]:
     """Decode the frames into memory (they feed every later stage alone)."""
     source = _source(config, clip)
     source.setup()
@@ -419,7 +421,12 @@ class _GatedSource:
 
 
 def measure_pipeline(
-    config: BenchConfig, clip: Path, frames: int, threads: int, class_names: Sequence[str], out: Path
+    config: BenchConfig,
+    clip: Path,
+    frames: int,
+    threads: int,
+    class_names: Sequence[str],
+    out: Path,
 ) -> dict[str, Any]:
     """The threaded pipeline end to end, blocking buffers as for a file."""
     spec = BufferSpec(config.capacity, OverflowPolicy.BLOCK)
@@ -471,7 +478,11 @@ def measure_pipeline(
             b.name: {"capacity": b.capacity, "high_water": b.high_water, "dropped": b.dropped}
             for b in metrics.buffers
         },
-        "latency_ms": {"p50": _round(lat.p50_ms), "p95": _round(lat.p95_ms), "p99": _round(lat.p99_ms)},
+        "latency_ms": {
+            "p50": _round(lat.p50_ms),
+            "p95": _round(lat.p95_ms),
+            "p99": _round(lat.p99_ms),
+        },
         "rss_before_mib": round(rss_before, 1),
         "peak_rss_mib": round(rss.peak_mib, 1),
     }
@@ -489,7 +500,12 @@ def _per_frame(seconds: float | None, ms_per_frame_second: float) -> float | Non
 
 
 def measure_sequential(
-    config: BenchConfig, clip: Path, frames: int, threads: int, class_names: Sequence[str], out: Path
+    config: BenchConfig,
+    clip: Path,
+    frames: int,
+    threads: int,
+    class_names: Sequence[str],
+    out: Path,
 ) -> dict[str, Any]:
     """One frame at a time through the same components, in one thread."""
     source = _source(config, clip)
@@ -564,7 +580,9 @@ def run_bench(config: BenchConfig, command: str = "") -> dict[str, Any]:
     config.work_dir.mkdir(parents=True, exist_ok=True)
     clip, frames, repeats = prepare_clip(config.source, config.frames, config.work_dir)
     machine_before = machine_info()
-    class_names = list(prepare_model(config.infer_config(config.intra_op_threads[0])).info.class_names)
+    class_names = list(
+        prepare_model(config.infer_config(config.intra_op_threads[0])).info.class_names
+    )
 
     timings: dict[str, StageTiming] = {}
     packets: list[FramePacket] = []
@@ -574,14 +592,32 @@ def run_bench(config: BenchConfig, command: str = "") -> dict[str, Any]:
     for repeat in range(config.repeat):
         for threads in config.intra_op_threads:
             tag = f"t{threads}_r{repeat}"
-            pipeline_runs[threads].append(measure_pipeline(
-                config, clip, frames, threads, class_names, config.work_dir / f"pipeline_{tag}.mp4"
-            ))
-            logger.info("pipeline, %d threads: %.2f fps", threads, pipeline_runs[threads][-1]["fps"])
-            sequential_runs[threads].append(measure_sequential(
-                config, clip, frames, threads, class_names, config.work_dir / f"sequential_{tag}.mp4"
-            ))
-            logger.info("sequential, %d threads: %.2f fps", threads, sequential_runs[threads][-1]["fps"])
+            pipeline_runs[threads].append(
+                measure_pipeline(
+                    config,
+                    clip,
+                    frames,
+                    threads,
+                    class_names,
+                    config.work_dir / f"pipeline_{tag}.mp4",
+                )
+            )
+            logger.info(
+                "pipeline, %d threads: %.2f fps", threads, pipeline_runs[threads][-1]["fps"]
+            )
+            sequential_runs[threads].append(
+                measure_sequential(
+                    config,
+                    clip,
+                    frames,
+                    threads,
+                    class_names,
+                    config.work_dir / f"sequential_{tag}.mp4",
+                )
+            )
+            logger.info(
+                "sequential, %d threads: %.2f fps", threads, sequential_runs[threads][-1]["fps"]
+            )
             if not packets:
                 packets, timings["decode"] = decode_alone(config, clip, frames)
                 timings["preprocess"] = preprocess_alone(config, packets)
@@ -608,16 +644,18 @@ def run_bench(config: BenchConfig, command: str = "") -> dict[str, Any]:
         stage_fps = {name: timings[name].fps for name in STAGES if name != "inference"}
         stage_fps["inference"] = best_inference.fps
         slowest = min(stage_fps, key=lambda name: stage_fps[name])
-        rows.append(_ThreadResult(
-            intra_op_threads=threads,
-            inference=best_inference,
-            slowest_stage=slowest,
-            slowest_stage_fps=round(stage_fps[slowest], 3),
-            pipeline=pipeline,
-            sequential=sequential,
-            efficiency=_ratio(pipeline["fps"], stage_fps[slowest]),
-            speedup=_ratio(pipeline["fps"], sequential["fps"]),
-        ))
+        rows.append(
+            _ThreadResult(
+                intra_op_threads=threads,
+                inference=best_inference,
+                slowest_stage=slowest,
+                slowest_stage_fps=round(stage_fps[slowest], 3),
+                pipeline=pipeline,
+                sequential=sequential,
+                efficiency=_ratio(pipeline["fps"], stage_fps[slowest]),
+                speedup=_ratio(pipeline["fps"], sequential["fps"]),
+            )
+        )
 
     head = rows[0]
     timings["inference"] = head.inference
@@ -689,7 +727,11 @@ def format_report(result: dict[str, Any]) -> str:
     s = result["settings"]
     lines.append(
         f"clip {Path(s['source']).name}: {clip['frames']} frames"
-        + (f" ({clip['passes_of_source']} passes of the source, remuxed)" if clip["passes_of_source"] > 1 else "")
+        + (
+            f" ({clip['passes_of_source']} passes of the source, remuxed)"
+            if clip["passes_of_source"] > 1
+            else ""
+        )
         + f"; D-FINE-{s['size'].upper()} {s['imgsz']} on {s['backend']}, intra-op threads "
         f"{s['intra_op_threads'][0]}, torch threads {s['torch_threads']}, decode threads "
         f"{s['decode_threads']}, encode threads {s['encode_threads'] or 'auto'}, "
@@ -760,7 +802,11 @@ def _inference_profile(result: dict[str, Any]) -> list[str]:
         f"cores busy {p['cores_busy']:.2f} of {result['machine']['cores']} during the pipeline run "
         f"({p['process_cpu_ms_per_frame']:.0f} ms of CPU per frame, every thread of the process)"
     ]
-    if inside is None or alone.get("cpu_ms_per_frame") is None or inside["cpu_ms_per_frame"] is None:
+    if (
+        inside is None
+        or alone.get("cpu_ms_per_frame") is None
+        or inside["cpu_ms_per_frame"] is None
+    ):
         return lines
     cpu_ratio = inside["cpu_ms_per_frame"] / alone["cpu_ms_per_frame"]
     lines.append(
@@ -779,7 +825,9 @@ def _thread_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--threads takes counts like 1 or 1,2,3, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"--threads takes counts like 1 or 1,2,3, got {text!r}"
+        ) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -790,27 +838,54 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--source", type=Path, required=True, help="video clip")
     parser.add_argument("--model", type=Path, default=None, help="checkpoint (.pth) or .onnx")
     parser.add_argument("--size", default="n", help="D-FINE size (n, s, m, l, x)")
-    parser.add_argument("--backend", default=Backend.ONNXRUNTIME.value,
-                        choices=[b.value for b in Backend if b is not Backend.TENSORRT])
+    parser.add_argument(
+        "--backend",
+        default=Backend.ONNXRUNTIME.value,
+        choices=[b.value for b in Backend if b is not Backend.TENSORRT],
+    )
     parser.add_argument("--imgsz", type=int, default=640)
-    parser.add_argument("--frames", type=int, default=0,
-                        help=f"frames to run; 0 = the whole clip, at least {MIN_FRAMES} (a shorter "
-                             "clip is looped by remuxing)")
-    parser.add_argument("--threads", type=_thread_list, default=(1,),
-                        help="inference intra-op threads, or a comma list to compare (default 1)")
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch.set_num_threads for the preprocessor's resize (default 1)")
+    parser.add_argument(
+        "--frames",
+        type=int,
+        default=0,
+        help=f"frames to run; 0 = the whole clip, at least {MIN_FRAMES} (a shorter "
+        "clip is looped by remuxing)",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_thread_list,
+        default=(1,),
+        help="inference intra-op threads, or a comma list to compare (default 1)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=1,
+        help="torch.set_num_threads for the preprocessor's resize (default 1)",
+    )
     parser.add_argument("--decode-threads", type=int, default=DecodeConfig.decode_threads)
     parser.add_argument("--encode-threads", type=int, default=0, help="libx264 threads, 0 = auto")
     parser.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD)
     parser.add_argument("--capacity", type=int, default=DEFAULT_CAPACITY, help="buffer capacity")
-    parser.add_argument("--repeat", type=int, default=1,
-                        help="runs of each measurement, interleaved; the best counts (default 1)")
-    parser.add_argument("--nice-others", type=int, default=10,
-                        help="pipeline run: nice value added to every stage thread but inference's "
-                             "(default 10, as the app does for files; 0 = none)")
-    parser.add_argument("--work-dir", type=Path, default=None,
-                        help="for looped clips and output MP4s (default: a temporary folder)")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="runs of each measurement, interleaved; the best counts (default 1)",
+    )
+    parser.add_argument(
+        "--nice-others",
+        type=int,
+        default=10,
+        help="pipeline run: nice value added to every stage thread but inference's "
+        "(default 10, as the app does for files; 0 = none)",
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=None,
+        help="for looped clips and output MP4s (default: a temporary folder)",
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser

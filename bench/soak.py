@@ -189,11 +189,18 @@ def run_soak(config: SoakConfig, out_dir: Path, command: str = "") -> dict[str, 
     )
     class_names = list(prepare_model(infer_config).info.class_names)
     spec = BufferSpec(LIVE_CAPACITY, OverflowPolicy.DROP_OLDEST)
-    probe = LatencyProbe(VideoFileSink(VideoSinkConfig(path=str(out_dir / "soak.mp4")), class_names))
+    probe = LatencyProbe(
+        VideoFileSink(VideoSinkConfig(path=str(out_dir / "soak.mp4")), class_names)
+    )
     pipeline = Pipeline(
         [LiveSource(LiveSourceConfig(url=config.url))],
         [
-            (Preprocessor(PreprocessConfig(input_size=config.imgsz, device=PreprocessDevice.CPU)), spec),
+            (
+                Preprocessor(
+                    PreprocessConfig(input_size=config.imgsz, device=PreprocessDevice.CPU)
+                ),
+                spec,
+            ),
             (InferenceStage(infer_config, lambda: make_backend(infer_config)), spec),
             (Tracker(TrackConfig()), spec),
         ],
@@ -217,7 +224,9 @@ def run_soak(config: SoakConfig, out_dir: Path, command: str = "") -> dict[str, 
             sample = {
                 "t_s": round(now - start, 2),
                 "rss_mib": round(rss_mib(), 2),
-                "latency_p95_ms": _round(_p95_ms(probe.samples_between(now - config.interval_s, now))),
+                "latency_p95_ms": _round(
+                    _p95_ms(probe.samples_between(now - config.interval_s, now))
+                ),
                 "frames_in": metrics.frames_in,
                 "frames_out": metrics.frames_out,
                 "dropped": metrics.dropped,
@@ -233,8 +242,14 @@ def run_soak(config: SoakConfig, out_dir: Path, command: str = "") -> dict[str, 
 
     measured = [s for s in samples if s["t_s"] >= config.warmup_s]
     minutes = [(s["t_s"] - config.warmup_s) / 60.0 for s in measured]
-    with_latency = [(m, s["latency_p95_ms"]) for m, s in zip(minutes, measured) if s["latency_p95_ms"] is not None]
-    first_minute = _p95_ms(probe.samples_between(start + config.warmup_s, start + config.warmup_s + 60.0))
+    with_latency = [
+        (m, s["latency_p95_ms"])
+        for m, s in zip(minutes, measured)
+        if s["latency_p95_ms"] is not None
+    ]
+    first_minute = _p95_ms(
+        probe.samples_between(start + config.warmup_s, start + config.warmup_s + 60.0)
+    )
     last_end = start + float(measured[-1]["t_s"]) if measured else end
     last_minute = _p95_ms(probe.samples_between(last_end - 60.0, last_end))
     rss_slope = least_squares_slope(minutes, [s["rss_mib"] for s in measured])
@@ -326,13 +341,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--serve-script", type=Path, default=DEFAULT_SERVE_SCRIPT)
     parser.add_argument("--model", type=Path, default=None)
     parser.add_argument("--size", default="n")
-    parser.add_argument("--backend", default=Backend.ONNXRUNTIME.value,
-                        choices=[b.value for b in Backend if b is not Backend.TENSORRT])
+    parser.add_argument(
+        "--backend",
+        default=Backend.ONNXRUNTIME.value,
+        choices=[b.value for b in Backend if b is not Backend.TENSORRT],
+    )
     parser.add_argument("--imgsz", type=int, default=640)
     parser.add_argument("--score-threshold", type=float, default=DEFAULT_SCORE_THRESHOLD)
     parser.add_argument("--threads", type=int, default=1, help="inference intra-op threads")
     parser.add_argument("--torch-threads", type=int, default=1)
-    parser.add_argument("--minutes", type=float, default=10.0, help="measured time after the warm-up")
+    parser.add_argument(
+        "--minutes", type=float, default=10.0, help="measured time after the warm-up"
+    )
     parser.add_argument("--interval-s", type=float, default=10.0)
     parser.add_argument("--warmup-s", type=float, default=30.0)
     parser.add_argument("--json", type=Path, default=None)

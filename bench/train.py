@@ -84,8 +84,13 @@ def run_speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     ann = _synthetic(work, images, 3, args.imgsz, seed=0)
     spec = load_dataset(ann, val_fraction=0.0)
     settings = TrainSettings(
-        size=args.size, epochs=1, max_steps=args.warmup + args.steps, device=args.device, amp=Amp(args.amp),
-        val_every=0, out=work / "run_speed",
+        size=args.size,
+        epochs=1,
+        max_steps=args.warmup + args.steps,
+        device=args.device,
+        amp=Amp(args.amp),
+        val_every=0,
+        out=work / "run_speed",
         data=DataSettings(data=ann, imgsz=args.imgsz, batch=args.batch, workers=args.workers),
         checkpoint=CheckpointSettings(every_steps=0, every_s=0),
     )
@@ -107,8 +112,13 @@ def run_speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     median = statistics.median(intervals)
     return {
         "mode": "speed",
-        "size": args.size, "imgsz": args.imgsz, "batch": args.batch, "workers": args.workers,
-        "device": args.device, "amp": args.amp, "threads": torch.get_num_threads(),
+        "size": args.size,
+        "imgsz": args.imgsz,
+        "batch": args.batch,
+        "workers": args.workers,
+        "device": args.device,
+        "amp": args.amp,
+        "threads": torch.get_num_threads(),
         "timed_steps": len(intervals),
         "s_per_iter_median": round(median, 3),
         "s_per_iter_mean": round(statistics.fmean(intervals), 3),
@@ -121,19 +131,37 @@ def run_speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     }
 
 
-def _learn(args: argparse.Namespace, work: Path, *, mode: str, ann: Path, same_val: bool) -> dict[str, Any]:
+def _learn(
+    args: argparse.Namespace, work: Path, *, mode: str, ann: Path, same_val: bool
+) -> dict[str, Any]:
     from dfine.train.datasets import load_dataset
     from dfine.train.trainer import Trainer
 
-    spec = load_dataset(ann, val_data=ann if same_val else None, val_fraction=0.0 if same_val else 0.1)
+    spec = load_dataset(
+        ann, val_data=ann if same_val else None, val_fraction=0.0 if same_val else 0.1
+    )
     out = work / f"run_{mode}"
     settings = TrainSettings(
-        size=args.size, epochs=args.epochs, device=args.device, amp=Amp(args.amp), seed=args.seed,
-        val_every=args.val_every, out=out,
-        data=DataSettings(data=ann, imgsz=args.imgsz, batch=args.batch, workers=args.workers,
-                          no_aug_epochs=args.epochs if mode == "overfit" else args.no_aug_epochs),
-        optim=OptimSettings(lr=args.lr, param_groups=_groups(args.lr), warmup_steps=args.warmup_steps,
-                            schedule=Schedule(args.schedule)),
+        size=args.size,
+        epochs=args.epochs,
+        device=args.device,
+        amp=Amp(args.amp),
+        seed=args.seed,
+        val_every=args.val_every,
+        out=out,
+        data=DataSettings(
+            data=ann,
+            imgsz=args.imgsz,
+            batch=args.batch,
+            workers=args.workers,
+            no_aug_epochs=args.epochs if mode == "overfit" else args.no_aug_epochs,
+        ),
+        optim=OptimSettings(
+            lr=args.lr,
+            param_groups=_groups(args.lr),
+            warmup_steps=args.warmup_steps,
+            schedule=Schedule(args.schedule),
+        ),
         ema=EmaSettings(warmups=args.ema_warmups),
         checkpoint=CheckpointSettings(every_steps=0, every_s=600),
     )
@@ -144,20 +172,34 @@ def _learn(args: argparse.Namespace, work: Path, *, mode: str, ann: Path, same_v
     best_map50 = max((h.get("map50") or 0.0 for h in result.history), default=0.0)
     return {
         "mode": mode,
-        "images_train": len(spec.train), "images_val": len(spec.val), "classes": len(spec.class_names),
-        "size": args.size, "imgsz": args.imgsz, "batch": args.batch, "epochs": args.epochs,
-        "lr": args.lr, "schedule": args.schedule, "warmup_steps": args.warmup_steps,
-        "ema_warmups": args.ema_warmups, "device": args.device, "amp": args.amp,
-        "steps": result.steps, "minutes": round(minutes, 1),
-        "final_map50": last.get("map50"), "final_map50_95": last.get("map50_95"),
-        "best_map50": best_map50, "run_dir": str(out),
+        "images_train": len(spec.train),
+        "images_val": len(spec.val),
+        "classes": len(spec.class_names),
+        "size": args.size,
+        "imgsz": args.imgsz,
+        "batch": args.batch,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "schedule": args.schedule,
+        "warmup_steps": args.warmup_steps,
+        "ema_warmups": args.ema_warmups,
+        "device": args.device,
+        "amp": args.amp,
+        "steps": result.steps,
+        "minutes": round(minutes, 1),
+        "final_map50": last.get("map50"),
+        "final_map50_95": last.get("map50_95"),
+        "best_map50": best_map50,
+        "run_dir": str(out),
         **({"official_map50_after_568_steps": OFFICIAL_SCRATCH_MAP50} if mode == "scratch" else {}),
         **({"target_train_map50": 0.9} if mode == "overfit" else {}),
     }
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.train", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("mode", choices=["speed", "overfit", "scratch"])
     parser.add_argument("--size", default="n", choices=["n", "s", "m", "l", "x"])
     parser.add_argument("--imgsz", type=int, default=320)
@@ -177,12 +219,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-aug-epochs", type=int, default=5)
     parser.add_argument("--val-every", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", type=Path, help="folder for the synthetic sets and runs (default: temporary)")
+    parser.add_argument(
+        "--work", type=Path, help="folder for the synthetic sets and runs (default: temporary)"
+    )
     parser.add_argument("--json", type=Path)
     parser.add_argument("-v", "--verbose", action="store_true")
     args = parser.parse_args(argv)
     configure_logging(args.verbose)
-    defaults = {"speed": (8, None, None), "overfit": (4, 16, 150), "scratch": (8, 200, 60)}[args.mode]
+    defaults = {"speed": (8, None, None), "overfit": (4, 16, 150), "scratch": (8, 200, 60)}[
+        args.mode
+    ]
     args.batch = args.batch or defaults[0]
     args.images = args.images or defaults[1]
     args.epochs = args.epochs or defaults[2]
@@ -193,13 +239,25 @@ def main(argv: list[str] | None = None) -> int:
         if args.mode == "speed":
             result = run_speed(args, work)
         elif args.mode == "overfit":
-            result = _learn(args, work, mode="overfit",
-                            ann=_synthetic(work, args.images, 3, args.imgsz, seed=1), same_val=True)
+            result = _learn(
+                args,
+                work,
+                mode="overfit",
+                ann=_synthetic(work, args.images, 3, args.imgsz, seed=1),
+                same_val=True,
+            )
         else:
-            result = _learn(args, work, mode="scratch",
-                            ann=_synthetic(work, args.images, args.classes, args.imgsz, seed=2), same_val=False)
+            result = _learn(
+                args,
+                work,
+                mode="scratch",
+                ann=_synthetic(work, args.images, args.classes, args.imgsz, seed=2),
+                same_val=False,
+            )
     result["machine"] = machine_info()
-    result["command"] = "python -m bench.train " + " ".join(argv if argv is not None else sys.argv[1:])
+    result["command"] = "python -m bench.train " + " ".join(
+        argv if argv is not None else sys.argv[1:]
+    )
     print(json.dumps(result, indent=2))
     write_json(args.json, result)
     return 0

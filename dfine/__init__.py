@@ -1,9 +1,9 @@
 """D-FINE in PyTorch: the network, checkpoint loading and postprocessing.
 
-    model = dfine.build_model("n")
-    dfine.load_checkpoint(model, "dfine_n_coco.pth")
-    outputs = model.eval()(images)            # images: float32 (B, 3, H, W) in [0, 1]
-    labels, boxes_xyxy, scores = dfine.PostProcessor()(outputs, orig_sizes_wh)
+model = dfine.build_model("n")
+dfine.load_checkpoint(model, "dfine_n_coco.pth")
+outputs = model.eval()(images)            # images: float32 (B, 3, H, W) in [0, 1]
+labels, boxes_xyxy, scores = dfine.PostProcessor()(outputs, orig_sizes_wh)
 """
 
 from __future__ import annotations

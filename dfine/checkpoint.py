@@ -57,9 +57,13 @@ class Signature:
 
     def describe(self) -> str:
         size = self.size_name()
-        what = f"D-FINE-{size.upper()}" if size else (
-            f"an unknown D-FINE variant (backbone stem {self.stem[0]}/{self.stem[1]} channels, "
-            f"encoder {self.encoder_proj[0]} wide, {self.num_decoder_layers} decoder layers)"
+        what = (
+            f"D-FINE-{size.upper()}"
+            if size
+            else (
+                f"an unknown D-FINE variant (backbone stem {self.stem[0]}/{self.stem[1]} channels, "
+                f"encoder {self.encoder_proj[0]} wide, {self.num_decoder_layers} decoder layers)"
+            )
         )
         classes = "an unknown number of" if self.num_classes is None else str(self.num_classes)
         return f"{what} with {classes} classes"
@@ -125,12 +129,16 @@ def _key_problems(expected: Mapping[str, torch.Tensor], state: Mapping[str, torc
         k
         for k in state
         if k not in expected
-        and not (k.endswith(".num_batches_tracked") and k.rsplit(".", 1)[0] + ".running_mean" in expected)
+        and not (
+            k.endswith(".num_batches_tracked") and k.rsplit(".", 1)[0] + ".running_mean" in expected
+        )
     ]
     mismatched = [
         k
         for k in expected
-        if k in state and k not in _RESOLUTION_BUFFERS and tuple(state[k].shape) != tuple(expected[k].shape)
+        if k in state
+        and k not in _RESOLUTION_BUFFERS
+        and tuple(state[k].shape) != tuple(expected[k].shape)
     ]
     parts = []
     if missing:
@@ -165,7 +173,9 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
     path = Path(path)
     source = f"checkpoint {str(path)!r}"
     if getattr(model, "deployed", False):  # DFINE.deploy() folded the norms its keys name
-        raise CheckpointError(f"cannot load {source}: the model is deployed; load it before calling deploy()")
+        raise CheckpointError(
+            f"cannot load {source}: the model is deployed; load it before calling deploy()"
+        )
     if not path.is_file():
         raise CheckpointError(f"{source} does not exist or is not a file")
     try:
@@ -196,12 +206,16 @@ def load_checkpoint(model: nn.Module, path: str | Path) -> None:
 
     problems = _key_problems(model.state_dict(), state)
     if problems:
-        raise CheckpointError(f"{source} ('{entry}') does not match {_model_description(model)}: {problems}")
+        raise CheckpointError(
+            f"{source} ('{entry}') does not match {_model_description(model)}: {problems}"
+        )
     model.load_state_dict(state, strict=True)
     logger.info("loaded %s from %s (%s)", entry, path, found.describe())
 
 
-def build_and_load(size: str, num_classes: int, path: str | Path | None, *, seed: int = 0) -> nn.Module:
+def build_and_load(
+    size: str, num_classes: int, path: str | Path | None, *, seed: int = 0
+) -> nn.Module:
     """The one build-and-load routine: the network of ``size`` with ``path``'s weights, in eval
     mode; ``path=None`` gives random weights drawn with ``seed`` (the caller's random stream is
     left as it was).

@@ -65,7 +65,9 @@ class Gate(nn.Module):
 class DecoderLayer(nn.Module):
     """Self-attention → deformable cross-attention (gated) → FFN, post-norm."""
 
-    def __init__(self, d_model: int, nhead: int, dim_feedforward: int, num_points: list[int]) -> None:
+    def __init__(
+        self, d_model: int, nhead: int, dim_feedforward: int, num_points: list[int]
+    ) -> None:
         super().__init__()
         self.self_attn = nn.MultiheadAttention(d_model, nhead, dropout=0.0, batch_first=True)
         self.norm1 = nn.LayerNorm(d_model)
@@ -179,7 +181,9 @@ class DFineDecoder(nn.Module):
                 f"{feat_channels}, {feat_strides}, {num_points}"
             )
         if not -num_layers <= eval_idx < num_layers:
-            raise ValueError(f"eval_idx must be in [-{num_layers}, {num_layers - 1}], got {eval_idx}")
+            raise ValueError(
+                f"eval_idx must be in [-{num_layers}, {num_layers - 1}], got {eval_idx}"
+            )
         self.num_classes = num_classes
         self.hidden_dim = hidden_dim
         self.num_queries = num_queries
@@ -205,7 +209,9 @@ class DFineDecoder(nn.Module):
         self.up = nn.Parameter(torch.tensor([0.5]), requires_grad=False)
         self.reg_scale = nn.Parameter(torch.tensor([float(reg_scale)]), requires_grad=False)
         layer = DecoderLayer(hidden_dim, nhead, dim_feedforward, list(num_points))
-        self.decoder = TransformerDecoder(layer, num_layers, nhead, reg_max, self.up, self.reg_scale)
+        self.decoder = TransformerDecoder(
+            layer, num_layers, nhead, reg_max, self.up, self.reg_scale
+        )
 
         # Denoising queries take their content from these class embeddings (row num_classes
         # is the zero padding row); unused at inference. The embedding exists even with
@@ -214,7 +220,9 @@ class DFineDecoder(nn.Module):
         self.num_denoising = num_denoising
         self.label_noise_ratio = label_noise_ratio
         self.box_noise_scale = box_noise_scale
-        self.denoising_class_embed = nn.Embedding(num_classes + 1, hidden_dim, padding_idx=num_classes)
+        self.denoising_class_embed = nn.Embedding(
+            num_classes + 1, hidden_dim, padding_idx=num_classes
+        )
         nn.init.normal_(self.denoising_class_embed.weight[:-1])
 
         self.query_pos_head = MLP(4, 2 * hidden_dim, hidden_dim, 2)
@@ -223,7 +231,9 @@ class DFineDecoder(nn.Module):
         )
         self.enc_score_head = nn.Linear(hidden_dim, num_classes)
         self.enc_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
-        self.dec_score_head = nn.ModuleList(nn.Linear(hidden_dim, num_classes) for _ in range(num_layers))
+        self.dec_score_head = nn.ModuleList(
+            nn.Linear(hidden_dim, num_classes) for _ in range(num_layers)
+        )
         self.pre_bbox_head = MLP(hidden_dim, hidden_dim, 4, 3)
         self.dec_bbox_head = nn.ModuleList(
             MLP(hidden_dim, hidden_dim, 4 * (reg_max + 1), 3) for _ in range(num_layers)
@@ -232,7 +242,10 @@ class DFineDecoder(nn.Module):
         # Saved in the official checkpoints (computed for 640x640); kept so that they load
         # strictly, but anchors are recomputed for the size in use (see ``anchors_for``).
         anchors, valid_mask = generate_anchors(
-            [(OFFICIAL_EVAL_SIZE_HW[0] // s, OFFICIAL_EVAL_SIZE_HW[1] // s) for s in self.feat_strides]
+            [
+                (OFFICIAL_EVAL_SIZE_HW[0] // s, OFFICIAL_EVAL_SIZE_HW[1] // s)
+                for s in self.feat_strides
+            ]
         )
         self.register_buffer("anchors", anchors)
         self.register_buffer("valid_mask", valid_mask)
@@ -350,16 +363,22 @@ class DFineDecoder(nn.Module):
             sigmoid), and the selected indices ``(B, Q)`` int64 into the flattened cells
             (finest level first, row-major), best first.
         """
-        _, topk_index, topk_memory, ref_logits = self._score_cells(memory, spatial_shapes, memory.dtype)
+        _, topk_index, topk_memory, ref_logits = self._score_cells(
+            memory, spatial_shapes, memory.dtype
+        )
         return topk_memory.detach(), ref_logits.detach(), topk_index
 
-    def select_queries_train(self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]) -> QuerySelection:
+    def select_queries_train(
+        self, memory: torch.Tensor, spatial_shapes: list[tuple[int, int]]
+    ) -> QuerySelection:
         """Query selection keeping what the loss needs (the encoder head of the selected cells).
 
         The anchors are float32 whatever the memory's dtype, as in the official training
         (under autocast the box logits then come out in float32).
         """
-        enc_logits, topk_index, topk_memory, ref_logits = self._score_cells(memory, spatial_shapes, torch.float32)
+        enc_logits, topk_index, topk_memory, ref_logits = self._score_cells(
+            memory, spatial_shapes, torch.float32
+        )
         index = topk_index.unsqueeze(-1)
         return QuerySelection(
             content=topk_memory.detach(),
@@ -442,11 +461,18 @@ class DFineDecoder(nn.Module):
             num_dn = denoising.num_queries
             if num_dn:
                 content = torch.cat([denoising.query_logits.to(content.dtype), content], dim=1)
-                ref_logits = torch.cat([denoising.ref_points_unact.to(ref_logits.dtype), ref_logits], dim=1)
+                ref_logits = torch.cat(
+                    [denoising.ref_points_unact.to(ref_logits.dtype), ref_logits], dim=1
+                )
                 attn_mask = denoising.attn_mask
 
-        states = self.run_layers(content, ref_logits, memory, spatial_shapes, len(self.decoder.layers), attn_mask)
-        logits = [self.class_logits(i, h, c) for i, (h, c) in enumerate(zip(states.hidden, states.corners))]
+        states = self.run_layers(
+            content, ref_logits, memory, spatial_shapes, len(self.decoder.layers), attn_mask
+        )
+        logits = [
+            self.class_logits(i, h, c)
+            for i, (h, c) in enumerate(zip(states.hidden, states.corners))
+        ]
         pre_logits = self.dec_score_head[0](states.hidden[0])
 
         def split(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -476,8 +502,13 @@ class DFineDecoder(nn.Module):
             "up": self.up,
             "reg_scale": self.reg_scale,
             "aux_outputs": layers[:-1],
-            "enc_aux_outputs": [{"pred_logits": selection.topk_logits, "pred_boxes": selection.topk_boxes}],
-            "pre_outputs": {"pred_logits": split(pre_logits)[1], "pred_boxes": split(states.pre_boxes)[1]},
+            "enc_aux_outputs": [
+                {"pred_logits": selection.topk_logits, "pred_boxes": selection.topk_boxes}
+            ],
+            "pre_outputs": {
+                "pred_logits": split(pre_logits)[1],
+                "pred_boxes": split(states.pre_boxes)[1],
+            },
             "enc_meta": {"class_agnostic": False},
         }
         if denoising is not None:
@@ -506,7 +537,9 @@ class DFineDecoder(nn.Module):
         ``eval_idx``.
         """
         states = self.run_layers(content, ref_logits, memory, spatial_shapes, self.eval_idx + 1)
-        return self.class_logits(self.eval_idx, states.hidden[-1], states.corners[-1]), states.boxes[-1]
+        return self.class_logits(
+            self.eval_idx, states.hidden[-1], states.corners[-1]
+        ), states.boxes[-1]
 
     def run_layers(
         self,
@@ -541,7 +574,9 @@ class DFineDecoder(nn.Module):
         hidden, all_corners, all_boxes = [], [], []
         for i in range(num_layers):
             query_pos = self.query_pos_head(ref_boxes).clamp(min=-10, max=10)
-            output = dec.layers[i](output, ref_boxes.unsqueeze(2), values, spatial_shapes, query_pos, attn_mask)
+            output = dec.layers[i](
+                output, ref_boxes.unsqueeze(2), values, spatial_shapes, query_pos, attn_mask
+            )
 
             if i == 0:
                 # Layer 0 sets the initial boxes that all FDR offsets are relative to.
@@ -617,7 +652,9 @@ def generate_anchors(spatial_shapes: list[tuple[int, int]]) -> tuple[torch.Tenso
     per_level = []
     for level, (h, w) in enumerate(spatial_shapes):
         grid_y, grid_x = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
-        centers = (torch.stack([grid_x, grid_y], dim=-1) + 0.5) / torch.tensor([w, h], dtype=torch.float32)
+        centers = (torch.stack([grid_x, grid_y], dim=-1) + 0.5) / torch.tensor(
+            [w, h], dtype=torch.float32
+        )
         sizes = torch.ones_like(centers) * ANCHOR_GRID_SIZE * (2.0**level)
         per_level.append(torch.cat([centers, sizes], dim=-1).reshape(1, h * w, 4))
     anchors = torch.cat(per_level, dim=1)

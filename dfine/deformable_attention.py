@@ -47,7 +47,9 @@ def deformable_sample(
     for value, (h, w), grid in zip(values, spatial_shapes, grids_per_level):
         value_map = value.reshape(batch * heads, head_dim, h, w)
         samples.append(
-            F.grid_sample(value_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+            F.grid_sample(
+                value_map, grid, mode="bilinear", padding_mode="zeros", align_corners=False
+            )
         )
     weights = attention_weights.permute(0, 2, 1, 3).reshape(batch * heads, 1, num_queries, -1)
     out = (torch.cat(samples, dim=-1) * weights).sum(-1)
@@ -87,7 +89,9 @@ class MSDeformableAttention(nn.Module):
     def _reset_parameters(self) -> None:
         # Start with each head's points on a ray in its own direction, 1..n steps out.
         nn.init.zeros_(self.sampling_offsets.weight)
-        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (2.0 * math.pi / self.num_heads)
+        thetas = torch.arange(self.num_heads, dtype=torch.float32) * (
+            2.0 * math.pi / self.num_heads
+        )
         grid = torch.stack([thetas.cos(), thetas.sin()], -1)
         grid = grid / grid.abs().max(-1, keepdim=True).values
         grid = grid.reshape(self.num_heads, 1, 2).tile([1, sum(self.num_points), 1])

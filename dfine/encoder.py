@@ -43,7 +43,9 @@ class RepVGGBlock(nn.Module):
 class CSPLayer(nn.Module):
     """Two 1x1 branches; one runs ``num_blocks`` RepVGG blocks; their sum is the output."""
 
-    def __init__(self, in_channels: int, out_channels: int, num_blocks: int, act: Activation) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, num_blocks: int, act: Activation
+    ) -> None:
         super().__init__()
         # The official layer takes an ``expansion``; D-FINE always passes 1, so the hidden
         # width equals the output width and its final 1x1 conv is an identity (no weights).
@@ -141,7 +143,9 @@ def sincos_position_embedding(
     kept as is (on a square map it amounts to a transposed embedding).
     """
     if embed_dim % 4 != 0:
-        raise ValueError(f"embed_dim must be divisible by 4 for the 2D sin-cos embedding, got {embed_dim}")
+        raise ValueError(
+            f"embed_dim must be divisible by 4 for the 2D sin-cos embedding, got {embed_dim}"
+        )
     grid_x, grid_y = torch.meshgrid(
         torch.arange(width, dtype=torch.float32),
         torch.arange(height, dtype=torch.float32),
@@ -213,7 +217,9 @@ class HybridEncoder(nn.Module):
         num_blocks = round(3 * depth_mult)
         n_fuse = len(in_channels) - 1
         # lateral_convs[j] / fpn_blocks[j] fuse from the coarsest map downwards.
-        self.lateral_convs = nn.ModuleList(ConvNorm(hidden_dim, hidden_dim, 1) for _ in range(n_fuse))
+        self.lateral_convs = nn.ModuleList(
+            ConvNorm(hidden_dim, hidden_dim, 1) for _ in range(n_fuse)
+        )
         self.fpn_blocks = nn.ModuleList(
             RepNCSPELAN4(hidden_dim * 2, hidden_dim, hidden_dim * 2, c4, num_blocks)
             for _ in range(n_fuse)

@@ -40,7 +40,9 @@ def weighting_function(reg_max: int, up: torch.Tensor, reg_scale: torch.Tensor) 
     return torch.cat(values, dim=0)
 
 
-def distribution_integral(corner_logits: torch.Tensor, project: torch.Tensor, reg_max: int) -> torch.Tensor:
+def distribution_integral(
+    corner_logits: torch.Tensor, project: torch.Tensor, reg_max: int
+) -> torch.Tensor:
     """Expected edge offsets: ``sum_n softmax(logits)_n * W(n)`` per edge.
 
     Args:
@@ -56,7 +58,9 @@ def distribution_integral(corner_logits: torch.Tensor, project: torch.Tensor, re
     return offsets.reshape(*shape, 4)
 
 
-def distance_to_box(reference: torch.Tensor, distance: torch.Tensor, reg_scale: torch.Tensor) -> torch.Tensor:
+def distance_to_box(
+    reference: torch.Tensor, distance: torch.Tensor, reg_scale: torch.Tensor
+) -> torch.Tensor:
     """Apply edge offsets to reference boxes.
 
     Each edge moves outwards from the centre by ``(reg_scale / 2 + d) * size / reg_scale``,

@@ -152,7 +152,9 @@ class ConvBNAct(nn.Module):
 class LightConvBNAct(nn.Module):
     """A 1x1 conv without activation, then a depthwise ``kernel_size`` conv with activation."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, use_lab: bool) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, kernel_size: int, use_lab: bool
+    ) -> None:
         super().__init__()
         self.conv1 = ConvBNAct(in_channels, out_channels, 1, use_act=False, use_lab=use_lab)
         self.conv2 = ConvBNAct(
@@ -184,7 +186,9 @@ def pad_bottom_right(x: torch.Tensor) -> torch.Tensor:
 class StemBlock(nn.Module):
     """Stride-4 stem: a stride-2 conv, then a max-pool branch beside a two-conv 2x2 branch."""
 
-    def __init__(self, in_channels: int, mid_channels: int, out_channels: int, use_lab: bool) -> None:
+    def __init__(
+        self, in_channels: int, mid_channels: int, out_channels: int, use_lab: bool
+    ) -> None:
         super().__init__()
         self.stem1 = ConvBNAct(in_channels, mid_channels, 3, stride=2, use_lab=use_lab)
         self.stem2a = ConvBNAct(mid_channels, mid_channels // 2, 2, use_lab=use_lab)

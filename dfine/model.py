@@ -62,24 +62,106 @@ class DFineSize:
 # From configs/dfine/dfine_hgnetv2_{n,s,m,l,x}_coco.yml over include/dfine_hgnetv2.yml.
 SIZES: dict[str, DFineSize] = {
     "n": DFineSize(
-        "n", "B0", (2, 3), True, False, (512, 1024), (16, 32),
-        128, 512, 0.34, 0.5, 128, 512, 3, -1, (6, 6), 4.0, freeze_at=-1,
+        "n",
+        "B0",
+        (2, 3),
+        True,
+        False,
+        (512, 1024),
+        (16, 32),
+        128,
+        512,
+        0.34,
+        0.5,
+        128,
+        512,
+        3,
+        -1,
+        (6, 6),
+        4.0,
+        freeze_at=-1,
     ),
     "s": DFineSize(
-        "s", "B0", (1, 2, 3), True, False, (256, 512, 1024), (8, 16, 32),
-        256, 1024, 0.5, 0.34, 256, 1024, 3, -1, (3, 6, 3), 4.0, freeze_at=-1,
+        "s",
+        "B0",
+        (1, 2, 3),
+        True,
+        False,
+        (256, 512, 1024),
+        (8, 16, 32),
+        256,
+        1024,
+        0.5,
+        0.34,
+        256,
+        1024,
+        3,
+        -1,
+        (3, 6, 3),
+        4.0,
+        freeze_at=-1,
     ),
     "m": DFineSize(
-        "m", "B2", (1, 2, 3), True, False, (384, 768, 1536), (8, 16, 32),
-        256, 1024, 1.0, 0.67, 256, 1024, 4, -1, (3, 6, 3), 4.0, freeze_at=-1,
+        "m",
+        "B2",
+        (1, 2, 3),
+        True,
+        False,
+        (384, 768, 1536),
+        (8, 16, 32),
+        256,
+        1024,
+        1.0,
+        0.67,
+        256,
+        1024,
+        4,
+        -1,
+        (3, 6, 3),
+        4.0,
+        freeze_at=-1,
     ),
     "l": DFineSize(
-        "l", "B4", (1, 2, 3), False, True, (512, 1024, 2048), (8, 16, 32),
-        256, 1024, 1.0, 1.0, 256, 1024, 6, -1, (3, 6, 3), 4.0, freeze_at=0, freeze_stem_only=True,
+        "l",
+        "B4",
+        (1, 2, 3),
+        False,
+        True,
+        (512, 1024, 2048),
+        (8, 16, 32),
+        256,
+        1024,
+        1.0,
+        1.0,
+        256,
+        1024,
+        6,
+        -1,
+        (3, 6, 3),
+        4.0,
+        freeze_at=0,
+        freeze_stem_only=True,
     ),
     "x": DFineSize(
-        "x", "B5", (1, 2, 3), False, True, (512, 1024, 2048), (8, 16, 32),
-        384, 2048, 1.0, 1.0, 256, 1024, 6, -1, (3, 6, 3), 8.0, freeze_at=0, freeze_stem_only=True,
+        "x",
+        "B5",
+        (1, 2, 3),
+        False,
+        True,
+        (512, 1024, 2048),
+        (8, 16, 32),
+        384,
+        2048,
+        1.0,
+        1.0,
+        256,
+        1024,
+        6,
+        -1,
+        (3, 6, 3),
+        8.0,
+        freeze_at=0,
+        freeze_stem_only=True,
     ),
 }
 
@@ -91,7 +173,9 @@ class DFINE(nn.Module):
     maps, ``model.decoder(encoder_maps)`` the predictions.
     """
 
-    def __init__(self, backbone: HGNetv2, encoder: HybridEncoder, decoder: DFineDecoder, size: str = "") -> None:
+    def __init__(
+        self, backbone: HGNetv2, encoder: HybridEncoder, decoder: DFineDecoder, size: str = ""
+    ) -> None:
         super().__init__()
         self.backbone = backbone
         self.encoder = encoder
@@ -125,7 +209,9 @@ class DFINE(nn.Module):
         """
         h, w = images.shape[-2:]
         if not torch.jit.is_tracing() and (h % INPUT_MULTIPLE or w % INPUT_MULTIPLE):
-            raise ValueError(f"input height and width must be multiples of {INPUT_MULTIPLE}, got {h}x{w}")
+            raise ValueError(
+                f"input height and width must be multiples of {INPUT_MULTIPLE}, got {h}x{w}"
+            )
         if targets is not None and len(targets) != images.shape[0]:
             raise ValueError(
                 f"got {len(targets)} targets for a batch of {images.shape[0]} images; "
@@ -176,7 +262,9 @@ class DFINE(nn.Module):
             )
         return super().train(mode)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False) -> Any:
+    def load_state_dict(
+        self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+    ) -> Any:
         """``nn.Module.load_state_dict``; refuses a training-form state dict once deployed."""
         if self._deployed and any(k.endswith(".running_mean") for k in state_dict):
             raise ValueError(

@@ -108,7 +108,9 @@ def read_model_info(
         ValueError: an unknown suffix.
     """
     if path is None:
-        return ModelInfo(ModelKind.UNTRAINED, None, tuple(resolve_class_names(num_classes)), None, size)
+        return ModelInfo(
+            ModelKind.UNTRAINED, None, tuple(resolve_class_names(num_classes)), None, size
+        )
     path = Path(path)
     kind = model_kind(path)
     if not path.exists():
@@ -116,7 +118,9 @@ def read_model_info(
     if not path.is_file():
         raise CheckpointError(f"model path is not a file: {path} (give a .pth, .onnx or .engine)")
     if path.stat().st_size == 0:
-        raise CheckpointError(f"model file is empty (0 bytes): {path} (download or export it again)")
+        raise CheckpointError(
+            f"model file is empty (0 bytes): {path} (download or export it again)"
+        )
     if kind is ModelKind.CHECKPOINT:
         return _checkpoint_info(path)
     if kind is ModelKind.ONNX:
@@ -149,7 +153,9 @@ def _checkpoint_info(path: Path) -> ModelInfo:
         )
     size = signature.size_name()
     if size is None:
-        raise CheckpointError(f"{source} holds {signature.describe()}, not one of the official sizes n..x")
+        raise CheckpointError(
+            f"{source} holds {signature.describe()}, not one of the official sizes n..x"
+        )
     if signature.num_classes is None:
         raise CheckpointError(f"{source}: its class head is missing; the file is incomplete")
     names: Sequence[str] | None = None
@@ -165,7 +171,11 @@ def _checkpoint_info(path: Path) -> ModelInfo:
                 )
             names = listed
     return ModelInfo(
-        ModelKind.CHECKPOINT, path, tuple(resolve_class_names(signature.num_classes, names)), None, size
+        ModelKind.CHECKPOINT,
+        path,
+        tuple(resolve_class_names(signature.num_classes, names)),
+        None,
+        size,
     )
 
 
@@ -230,11 +240,15 @@ def _onnx_info(path: Path) -> ModelInfo:
     else:
         found = num_classes_from_model(proto)
         if found is None:
-            logger.warning("%s: cannot tell the class count from the graph; assuming 80 (COCO)", path)
+            logger.warning(
+                "%s: cannot tell the class count from the graph; assuming 80 (COCO)", path
+            )
             found = 80
         count = found
     size = meta.get("dfine_size") or None
-    return ModelInfo(ModelKind.ONNX, path, tuple(resolve_class_names(count, names)), input_size_hw, size)
+    return ModelInfo(
+        ModelKind.ONNX, path, tuple(resolve_class_names(count, names)), input_size_hw, size
+    )
 
 
 def _engine_info(path: Path, num_classes: int) -> ModelInfo:
@@ -261,7 +275,10 @@ def _engine_info(path: Path, num_classes: int) -> ModelInfo:
         names = from_onnx.class_names
     else:
         logger.warning(
-            "%s: no sidecar %s and no .onnx beside it; assuming %d classes", path, sidecar.name, num_classes
+            "%s: no sidecar %s and no .onnx beside it; assuming %d classes",
+            path,
+            sidecar.name,
+            num_classes,
         )
         names = tuple(resolve_class_names(num_classes))
     size_hw = from_onnx.input_size_hw if from_onnx is not None else None

@@ -56,9 +56,14 @@ class PostProcessor(nn.Module):
         scale = orig_target_sizes.to(boxes.dtype).repeat(1, 2).unsqueeze(1)  # (B, 1, 4): w, h, w, h
         boxes_xyxy = box_cxcywh_to_xyxy(boxes) * scale
 
-        scores, flat_index = torch.topk(torch.sigmoid(logits).flatten(1), self.num_top_queries, dim=-1)
+        scores, flat_index = torch.topk(
+            torch.sigmoid(logits).flatten(1), self.num_top_queries, dim=-1
+        )
         # a - (a // b) * b rather than %: the official export uses it for old TensorRT versions.
-        labels = flat_index - torch.div(flat_index, self.num_classes, rounding_mode="floor") * self.num_classes
+        labels = (
+            flat_index
+            - torch.div(flat_index, self.num_classes, rounding_mode="floor") * self.num_classes
+        )
         query = torch.div(flat_index, self.num_classes, rounding_mode="floor")
         picked = boxes_xyxy.gather(1, query.unsqueeze(-1).expand(-1, -1, 4))
         return labels, picked, scores

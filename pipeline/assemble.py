@@ -89,7 +89,9 @@ class AssembledPipeline:
         counts per line, zone and class)."""
         counters: dict[str, dict[str, int | float | bool]] = {}
         for stage in self.stages:
-            if not isinstance(stage, (LiveSource, ZmqEventSink, RtspPublishSink, AnalyticsStage, Tracker)):
+            if not isinstance(
+                stage, (LiveSource, ZmqEventSink, RtspPublishSink, AnalyticsStage, Tracker)
+            ):
                 continue
             stats = stage.stats()
             values = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
@@ -155,8 +157,10 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
     sinks, outputs = _make_sinks(config, class_names)
     sources = [_make_source(s, events.publish) for s in config.sources]
     if not sinks:
-        logger.warning("no outputs configured: detections are computed but not saved "
-                       "(add --output, --jsonl, --mot or --zmq)")
+        logger.warning(
+            "no outputs configured: detections are computed but not saved "
+            "(add --output, --jsonl, --mot or --zmq)"
+        )
     pipeline = Pipeline(
         sources,
         [(p, spec) for p in processors],
@@ -210,12 +214,16 @@ def _make_source(
 
 
 def _make_processors(
-    config: AppConfig, prepared: PreparedModel, class_names: list[str],
+    config: AppConfig,
+    prepared: PreparedModel,
+    class_names: list[str],
     publish: Callable[[dict[str, Any]], None],
 ) -> list[Processor[FramePacket, FramePacket]]:
     model, info = prepared.config, prepared.info
     assert model.imgsz is not None  # settled by prepare_model
-    preprocess = Preprocessor(PreprocessConfig(input_size=model.imgsz, device=model.device, tiling=model.tiling))
+    preprocess = Preprocessor(
+        PreprocessConfig(input_size=model.imgsz, device=model.device, tiling=model.tiling)
+    )
     infer = InferenceStage(model, lambda: make_backend(model, info))
     processors: list[Processor[FramePacket, FramePacket]] = [preprocess, infer]
     if config.track is not None:
@@ -224,15 +232,21 @@ def _make_processors(
         known = {s.stream_id for s in config.sources}
         for i, item in enumerate(config.analytics):
             if item.stream_id not in known:
-                raise ConfigError(f"analytics[{i}].stream_id: no source has stream_id "
-                                  f"{item.stream_id!r} (sources: {', '.join(sorted(known))})")
+                raise ConfigError(
+                    f"analytics[{i}].stream_id: no source has stream_id "
+                    f"{item.stream_id!r} (sources: {', '.join(sorted(known))})"
+                )
         if config.track is None:
-            raise ConfigError("analytics: lines and zones count tracks; turn tracking on (remove 'track: null')")
+            raise ConfigError(
+                "analytics: lines and zones count tracks; turn tracking on (remove 'track: null')"
+            )
         processors.append(AnalyticsStage(config.analytics, class_names, publish))
     return processors
 
 
-def _make_sinks(config: AppConfig, class_names: list[str]) -> tuple[list[Sink[FramePacket]], list[str]]:
+def _make_sinks(
+    config: AppConfig, class_names: list[str]
+) -> tuple[list[Sink[FramePacket]], list[str]]:
     out = config.outputs
     sinks: list[Sink[FramePacket]] = []
     outputs: list[str] = []
@@ -252,5 +266,3 @@ def _make_sinks(config: AppConfig, class_names: list[str]) -> tuple[list[Sink[Fr
         sinks.append(RtspPublishSink(out.rtsp, class_names))
         outputs.append(f"annotated stream (RTSP): {out.rtsp.url}")
     return sinks, outputs
-
-

@@ -45,8 +45,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     code = _handle(args)
-    if argv is None and any(t.is_alive() for t in threading.enumerate()
-                            if t is not threading.current_thread()):
+    if argv is None and any(
+        t.is_alive() for t in threading.enumerate() if t is not threading.current_thread()
+    ):
         # A stage thread stuck in native code (a model export, a network read) after a
         # failure: the runner has left it behind, and letting the interpreter tear down
         # under it can crash native libraries on the way out. Outputs are already closed.
@@ -75,8 +76,13 @@ def _build_parser() -> argparse.ArgumentParser:
         prog="finestream",
         description="Real-time video analytics with the D-FINE detector.",
     )
-    parser.add_argument("-v", "--verbose", action="count", default=0,
-                        help="-v: what each stage does (INFO); -vv: debug logging")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=0,
+        help="-v: what each stage does (INFO); -vv: debug logging",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     run = commands.add_parser(
@@ -87,28 +93,53 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("config", nargs="?", type=Path, help="YAML config (see configs/)")
     # Also after the command (finestream run -v ...); counts add up with the global flag's.
-    run.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
-                     help="-v INFO, -vv DEBUG")
-    run.add_argument("--source", action="append", metavar="PATH_OR_URL",
-                     help="video file or stream URL; repeat for several sources")
-    run.add_argument("--model", metavar="CKPT_OR_ONNX_OR_ENGINE",
-                     help="official-layout .pth, .onnx, or TensorRT .engine")
-    run.add_argument("--size", choices=["n", "s", "m", "l", "x"],
-                     help="D-FINE size (default: read from the checkpoint)")
-    run.add_argument("--backend", choices=["auto", "torch", "onnxruntime", "tensorrt"],
-                     help="default auto: the fastest for the model here (the first line says which)")
-    run.add_argument("--imgsz", type=int,
-                     help="model input size, a multiple of 32 (default: the .onnx/.engine's own, else 640)")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to preprocess and infer")
+    run.add_argument(
+        "-v", "--verbose", action="count", default=argparse.SUPPRESS, help="-v INFO, -vv DEBUG"
+    )
+    run.add_argument(
+        "--source",
+        action="append",
+        metavar="PATH_OR_URL",
+        help="video file or stream URL; repeat for several sources",
+    )
+    run.add_argument(
+        "--model",
+        metavar="CKPT_OR_ONNX_OR_ENGINE",
+        help="official-layout .pth, .onnx, or TensorRT .engine",
+    )
+    run.add_argument(
+        "--size",
+        choices=["n", "s", "m", "l", "x"],
+        help="D-FINE size (default: read from the checkpoint)",
+    )
+    run.add_argument(
+        "--backend",
+        choices=["auto", "torch", "onnxruntime", "tensorrt"],
+        help="default auto: the fastest for the model here (the first line says which)",
+    )
+    run.add_argument(
+        "--imgsz",
+        type=int,
+        help="model input size, a multiple of 32 (default: the .onnx/.engine's own, else 640)",
+    )
+    run.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], help="where to preprocess and infer"
+    )
     run.add_argument("--threshold", type=float, help="score threshold for detections")
     run.add_argument("--output", type=Path, metavar="OUT_MP4", help="annotated MP4")
-    run.add_argument("--jsonl", type=Path, metavar="OUT_JSONL", help="detections, one line per frame")
+    run.add_argument(
+        "--jsonl", type=Path, metavar="OUT_JSONL", help="detections, one line per frame"
+    )
     run.add_argument("--mot", type=Path, metavar="OUT_TXT", help="tracks in MOTChallenge format")
     run.add_argument("--zmq", metavar="ENDPOINT", help="publish events on a ZeroMQ PUB socket")
     run.add_argument("--publish", metavar="RTSP_URL", help="re-stream the annotated video")
     run.add_argument("--stats", type=Path, metavar="OUT_JSON", help="write run metrics as JSON")
-    run.add_argument("--realtime", action="store_true", help="pace files at their native frame rate")
-    run.add_argument("--max-frames", type=int, metavar="N", help="files: stop after N frames (a preview)")
+    run.add_argument(
+        "--realtime", action="store_true", help="pace files at their native frame rate"
+    )
+    run.add_argument(
+        "--max-frames", type=int, metavar="N", help="files: stop after N frames (a preview)"
+    )
     run.add_argument("--no-progress", action="store_true", help="no live progress line")
     run.set_defaults(handler=_cmd_run)
 
@@ -119,15 +150,22 @@ def _build_parser() -> argparse.ArgumentParser:
         "the graph), and optionally build a TensorRT engine from it.",
     )
     export.add_argument("checkpoint", type=Path, help="official-layout .pth")
-    export.add_argument("--size", choices=["n", "s", "m", "l", "x"],
-                        help="default: read from the checkpoint (given, it must match)")
-    export.add_argument("--num-classes", type=int,
-                        help="default: read from the checkpoint (given, it must match)")
+    export.add_argument(
+        "--size",
+        choices=["n", "s", "m", "l", "x"],
+        help="default: read from the checkpoint (given, it must match)",
+    )
+    export.add_argument(
+        "--num-classes", type=int, help="default: read from the checkpoint (given, it must match)"
+    )
     export.add_argument("--imgsz", type=int, default=640)
     export.add_argument("--opset", type=int, default=17)
     export.add_argument("--output", type=Path, help="ONNX path (default: beside the checkpoint)")
-    export.add_argument("--tensorrt", action="store_true",
-                        help="also build a TensorRT engine (needs the tensorrt extra)")
+    export.add_argument(
+        "--tensorrt",
+        action="store_true",
+        help="also build a TensorRT engine (needs the tensorrt extra)",
+    )
     export.add_argument("--max-batch", type=int, default=8)
     export.set_defaults(handler=_cmd_export)
 
@@ -164,8 +202,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ),
     )
     assembled = build_pipeline(config)  # the check phase: bad input is refused here
-    print(f"finestream: {assembled.backend.describe()}; model: {assembled.model.describe()}",
-          file=sys.stderr)
+    print(
+        f"finestream: {assembled.backend.describe()}; model: {assembled.model.describe()}",
+        file=sys.stderr,
+    )
     interrupted = _run_with_signals(assembled, show_progress=not args.no_progress)
     metrics = assembled.metrics()
     print(metrics.format_table(), file=sys.stderr)
@@ -193,8 +233,10 @@ def _run_with_signals(assembled: AssembledPipeline, *, show_progress: bool) -> b
         if interrupted:
             logger.warning("second interrupt: aborting without draining")
         else:
-            logger.warning("%s: finishing frames in flight and closing outputs (again to abort)",
-                           signal.Signals(signum).name)
+            logger.warning(
+                "%s: finishing frames in flight and closing outputs (again to abort)",
+                signal.Signals(signum).name,
+            )
         interrupted = True
         assembled.stop()  # a second stop() while draining aborts
 
@@ -245,8 +287,10 @@ class _ProgressDisplay:
             fps = done / metrics.wall_s if metrics.wall_s > 0 else 0.0
             eta = (total - done) / fps if fps > 0 else float("nan")
             filled = int(20 * min(done / total, 1.0))
-            text = (f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{total} frames "
-                    f"{fps:.1f} fps ETA {eta:.0f} s | drops {metrics.dropped}")
+            text = (
+                f"[{'#' * filled}{'.' * (20 - filled)}] {done}/{total} frames "
+                f"{fps:.1f} fps ETA {eta:.0f} s | drops {metrics.dropped}"
+            )
         if self._is_tty:
             self._stream.write("\r" + text.ljust(self._width))
             self._width = len(text)
@@ -269,7 +313,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if info.size is None:
         raise ValueError(f"{args.checkpoint}: not a checkpoint; export takes a .pth")
     onnx_path = args.output or args.checkpoint.with_suffix(f".{args.imgsz}.onnx")
-    export_from_checkpoint(args.checkpoint, args.size, args.num_classes, onnx_path, args.imgsz, args.opset)
+    export_from_checkpoint(
+        args.checkpoint, args.size, args.num_classes, onnx_path, args.imgsz, args.opset
+    )
     print(f"wrote {onnx_path}", file=sys.stderr)
 
     from dfine.backends.tensorrt_build import trtexec_command
@@ -298,7 +344,8 @@ def _configure_logging(verbosity: int) -> None:
     level = {0: logging.WARNING, 1: logging.INFO}.get(verbosity, logging.DEBUG)
     logging.basicConfig(
         level=level,
-        format="finestream: %(levelname)s: %(message)s" if verbosity < 2
+        format="finestream: %(levelname)s: %(message)s"
+        if verbosity < 2
         else "%(asctime)s %(threadName)s %(name)s %(levelname)s: %(message)s",
         stream=sys.stderr,
     )

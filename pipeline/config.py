@@ -119,7 +119,9 @@ class CliOverrides:
 
 def load_config(path: Path) -> AppConfig:
     """Read and validate a YAML config; errors name the file and the key path."""
-    return load_yaml(AppConfig, path, missing=f"config file not found: {path} (see configs/ for examples)")
+    return load_yaml(
+        AppConfig, path, missing=f"config file not found: {path} (see configs/ for examples)"
+    )
 
 
 def apply_overrides(config: AppConfig, cli: CliOverrides) -> AppConfig:
@@ -144,15 +146,19 @@ def _apply_overrides(config: AppConfig, cli: CliOverrides) -> AppConfig:
     if file_changes:
         sources = tuple(
             dataclasses.replace(s, file=dataclasses.replace(s.file, **file_changes))  # type: ignore[arg-type]
-            if s.file is not None else s
+            if s.file is not None
+            else s
             for s in sources
         )
 
     model_changes: dict[str, object] = {}
     if cli.model is not None:
         model_changes["model"] = cli.model
-    for key, value in (("size", cli.size), ("imgsz", cli.imgsz),
-                       ("score_threshold", cli.score_threshold)):
+    for key, value in (
+        ("size", cli.size),
+        ("imgsz", cli.imgsz),
+        ("score_threshold", cli.score_threshold),
+    ):
         if value is not None:
             model_changes[key] = value
     if cli.backend is not None:

@@ -74,7 +74,9 @@ class LabelSettings:
         if self.every < 1:
             raise LabelError(f"--every must be >= 1, got {self.every}")
         if self.min_change < 0:
-            raise LabelError(f"--min-change must be >= 0 (mean grey difference, 0-255), got {self.min_change}")
+            raise LabelError(
+                f"--min-change must be >= 0 (mean grey difference, 0-255), got {self.min_change}"
+            )
         if not 0.0 <= self.score_threshold <= 1.0:
             raise LabelError(f"--threshold must be in [0, 1], got {self.score_threshold}")
         if not 0.0 <= self.val_fraction < 1.0:
@@ -127,7 +129,8 @@ class LabelSummary:
         out = [
             f"frames: {self.frames_read} read, {self.frames_kept} kept "
             + ", ".join(f"{k} {v}" for k, v in self.frames_per_split.items()),
-            "boxes per class: " + (", ".join(f"{k} {v}" for k, v in self.boxes_per_class.items()) or "none"),
+            "boxes per class: "
+            + (", ".join(f"{k} {v}" for k, v in self.boxes_per_class.items()) or "none"),
         ]
         if self.merged_boxes != self.full_frame_boxes:
             out.append(
@@ -226,7 +229,12 @@ class Teacher:
         for start in range(0, len(crops), step):
             chunk = crops[start : start + step]
             images = torch.cat(
-                [image_to_model_input(c, self.input_side, self.backend.device, resize_in_uint8=True) for c in chunk]
+                [
+                    image_to_model_input(
+                        c, self.input_side, self.backend.device, resize_in_uint8=True
+                    )
+                    for c in chunk
+                ]
             )
             sizes = torch.tensor([[c.shape[1], c.shape[0]] for c in chunk], dtype=torch.int64)
             labels, boxes, scores = self.backend(images, sizes.to(self.backend.device))
@@ -235,7 +243,9 @@ class Teacher:
                 results.append((labels[i][keep], boxes[i][keep], scores[i][keep]))
         return results
 
-    def detect(self, image_rgb_u8: np.ndarray) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
+    def detect(
+        self, image_rgb_u8: np.ndarray
+    ) -> tuple[tuple[np.ndarray, ...], tuple[np.ndarray, ...]]:
         """``(full_frame, merged)`` detections, each ``(labels, boxes_xyxy, scores)`` in frame
         pixels; ``merged`` is ``full_frame`` when tiling is off."""
         height, width = image_rgb_u8.shape[:2]
@@ -251,8 +261,11 @@ class Teacher:
             return full, full
         # The inference stage's merge (shift to frame pixels, drop border-cut pieces, merge).
         merged = merge_crops(
-            results, [Tile(0, 0, width, height), *tiles], (width, height),
-            self.settings.merge, self.settings.merge_threshold,
+            results,
+            [Tile(0, 0, width, height), *tiles],
+            (width, height),
+            self.settings.merge,
+            self.settings.merge_threshold,
         )
         return full, merged
 
@@ -290,14 +303,20 @@ def _assign_splits(
     """``train``, ``val``, ``test`` or ``drop`` (inside the gap) per frame."""
     if settings.split_by is SplitBy.CLIP:
         candidates = [i for i in range(num_sources) if i not in holdout]
-        count = math.ceil(len(candidates) * settings.val_fraction) if settings.val_fraction > 0 else 0
+        count = (
+            math.ceil(len(candidates) * settings.val_fraction) if settings.val_fraction > 0 else 0
+        )
         if count >= len(candidates) and count > 0:
             raise LabelError(
                 "--split clip needs at least two sources that are not held out (one for training, one for validation)"
             )
         val_sources = set(candidates[len(candidates) - count :]) if count else set()
         return [
-            "test" if f.source_index in holdout else "val" if f.source_index in val_sources else "train"
+            "test"
+            if f.source_index in holdout
+            else "val"
+            if f.source_index in val_sources
+            else "train"
             for f in frames
         ]
     end_s: dict[int, float] = {}
@@ -326,7 +345,9 @@ def _assign_splits(
 def _coco(frames: Sequence[LabelledFrame], class_names: Sequence[str], description: str) -> dict:
     images, annotations = [], []
     for image_id, f in enumerate(frames, start=1):
-        images.append({"id": image_id, "file_name": f.file_name, "width": f.width, "height": f.height})
+        images.append(
+            {"id": image_id, "file_name": f.file_name, "width": f.width, "height": f.height}
+        )
         for box, label, score in zip(f.boxes_xyxy, f.labels, f.scores):
             x1, y1, x2, y2 = (float(v) for v in box)
             annotations.append(
@@ -402,7 +423,9 @@ def label_sources(
         if not cv2.imwrite(str(path), bgr, [cv2.IMWRITE_JPEG_QUALITY, settings.jpeg_quality]):
             raise OSError(f"cannot write {path}")
         frames.append(
-            LabelledFrame(file_name, width, height, sampled.source_index, sampled.pts_s, boxes, labels, scores)
+            LabelledFrame(
+                file_name, width, height, sampled.source_index, sampled.pts_s, boxes, labels, scores
+            )
         )
         if progress is not None:
             progress(counter["read"])
@@ -413,7 +436,9 @@ def label_sources(
         chosen = [f for f, s in zip(frames, splits) if s == split]
         if split == "test" and not holdout:
             continue
-        description = f"finestream label: {split} split ({settings.split_by.value}), {len(chosen)} frames"
+        description = (
+            f"finestream label: {split} split ({settings.split_by.value}), {len(chosen)} frames"
+        )
         (out_dir / f"{split}.json").write_text(json.dumps(_coco(chosen, class_names, description)))
         summary.frames_per_split[split] = len(chosen)
         summary.boxes_per_split[split] = int(sum(len(f.labels) for f in chosen))
@@ -421,7 +446,9 @@ def label_sources(
     for f in dropped:
         (out_dir / f.file_name).unlink(missing_ok=True)
     summary.frames_kept = len(frames) - len(dropped)
-    per_class = Counter(int(label) for f, s in zip(frames, splits) if s != "drop" for label in f.labels)
+    per_class = Counter(
+        int(label) for f, s in zip(frames, splits) if s != "drop" for label in f.labels
+    )
     summary.boxes_per_class = {name: per_class.get(i, 0) for i, name in enumerate(class_names)}
     (out_dir / "summary.json").write_text(json.dumps(summary.__dict__, indent=2))
     return summary

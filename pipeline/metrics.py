@@ -401,9 +401,7 @@ class PipelineMetrics:
             if s.kind is StageKind.SOURCE:
                 parts.append(f"{s.name} {s.recent_fps:.1f} fps")
             elif s.kind is StageKind.PROCESSOR:
-                parts.append(
-                    f"{s.name} {s.recent_fps:.1f} fps {s.recent_busy_fraction * 100:.0f}%"
-                )
+                parts.append(f"{s.name} {s.recent_fps:.1f} fps {s.recent_busy_fraction * 100:.0f}%")
         if self.buffers:
             parts.append("q " + " ".join(f"{b.level}/{b.capacity}" for b in self.buffers))
         parts.append(f"drops {self.dropped}")
@@ -411,6 +409,8 @@ class PipelineMetrics:
         for name, values in self.counters.items():
             trouble = {k: v for k, v in values.items() if k in _STATUS_COUNTERS and v}
             if trouble:
-                parts.append(f"{name} " + " ".join(f"{k} {_counter(v)}" for k, v in trouble.items()))
+                parts.append(
+                    f"{name} " + " ".join(f"{k} {_counter(v)}" for k, v in trouble.items())
+                )
         parts.append(f"lat p95 {_fmt(self.latency.p95_ms, '.0f')} ms")
         return " | ".join(parts)

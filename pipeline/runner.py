@@ -308,7 +308,9 @@ class Pipeline:
         self._thread_nice = dict(thread_nice or {})
         for name, nice in self._thread_nice.items():
             if name not in seen:
-                raise ValueError(f"thread_nice names no stage: '{name}' (stages: {', '.join(names)})")
+                raise ValueError(
+                    f"thread_nice names no stage: '{name}' (stages: {', '.join(names)})"
+                )
             if not 0 <= nice <= 19:
                 raise ValueError(f"thread_nice['{name}'] must be in [0, 19], got {nice}")
         self._sources = tuple(sources)

@@ -35,7 +35,9 @@ def load_yaml(cls: type[T], path: Path, missing: str) -> T:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+        raise ConfigError(
+            f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from None
     try:
         return from_dict(cls, data)
     except ConfigError as exc:

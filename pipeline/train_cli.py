@@ -47,21 +47,36 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:  # type: i
         "siblings hold each size's official recipe). RUN_DIR gets last.pth, best.pth, "
         "metrics.csv, losses.csv and results.png.",
     )
-    train.add_argument("config", nargs="?", type=Path, help="training YAML (see configs/train_*.yaml)")
+    train.add_argument(
+        "config", nargs="?", type=Path, help="training YAML (see configs/train_*.yaml)"
+    )
     train.add_argument("--data", type=Path, help="COCO annotations .json or YOLO data.yaml")
-    train.add_argument("--images", type=Path, help="COCO: the image folder (default: beside the JSON)")
-    train.add_argument("--val-data", type=Path, help="COCO: a separate validation annotations .json")
+    train.add_argument(
+        "--images", type=Path, help="COCO: the image folder (default: beside the JSON)"
+    )
+    train.add_argument(
+        "--val-data", type=Path, help="COCO: a separate validation annotations .json"
+    )
     train.add_argument("--size", choices=_SIZES)
     train.add_argument("--imgsz", type=int, help="square input side (multiple of 32)")
     train.add_argument("--epochs", type=int)
     train.add_argument("--batch", type=int, help="images per batch")
     train.add_argument("--out", type=Path, metavar="RUN_DIR", help="run folder")
-    train.add_argument("--from", dest="init_from", type=Path, metavar="CKPT",
-                       help="start from these weights (every tensor that fits; e.g. dfine_n_coco.pth)")
-    train.add_argument("--resume", action="store_true", help="continue the run in RUN_DIR from its last.pth")
+    train.add_argument(
+        "--from",
+        dest="init_from",
+        type=Path,
+        metavar="CKPT",
+        help="start from these weights (every tensor that fits; e.g. dfine_n_coco.pth)",
+    )
+    train.add_argument(
+        "--resume", action="store_true", help="continue the run in RUN_DIR from its last.pth"
+    )
     train.add_argument("--device", choices=["auto", "cpu", "cuda"])
     train.add_argument("--workers", type=int, help="data loader processes (0: in the main process)")
-    train.add_argument("--max-steps", type=int, help="stop after N optimiser steps (smoke runs, benchmarks)")
+    train.add_argument(
+        "--max-steps", type=int, help="stop after N optimiser steps (smoke runs, benchmarks)"
+    )
     train.add_argument("--seed", type=int)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(handler=cmd_train)
@@ -72,15 +87,31 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:  # type: i
         description="Evaluate a model (.pth, .onnx or .engine) on a dataset's val split (or every "
         "image with --all): COCO AP50:95 and AP50 with faster-coco-eval, per class.",
     )
-    ev.add_argument("--model", required=True, type=Path, help=".pth checkpoint, .onnx export or TensorRT .engine")
-    ev.add_argument("--data", required=True, type=Path, help="COCO annotations .json or YOLO data.yaml")
+    ev.add_argument(
+        "--model",
+        required=True,
+        type=Path,
+        help=".pth checkpoint, .onnx export or TensorRT .engine",
+    )
+    ev.add_argument(
+        "--data", required=True, type=Path, help="COCO annotations .json or YOLO data.yaml"
+    )
     ev.add_argument("--images", type=Path, help="COCO: the image folder (default: beside the JSON)")
-    ev.add_argument("--all", action="store_true", help="evaluate every image, not only the val split")
-    ev.add_argument("--val-fraction", type=float, default=0.1,
-                    help="COCO without a separate val file: the share held out (as in training)")
+    ev.add_argument(
+        "--all", action="store_true", help="evaluate every image, not only the val split"
+    )
+    ev.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="COCO without a separate val file: the share held out (as in training)",
+    )
     ev.add_argument("--imgsz", type=int, help="input side (default: the model's, else 640)")
-    ev.add_argument("--backend", choices=["torch", "onnxruntime", "tensorrt"],
-                    help="default: from the file (.pth torch, .onnx onnxruntime, .engine tensorrt)")
+    ev.add_argument(
+        "--backend",
+        choices=["torch", "onnxruntime", "tensorrt"],
+        help="default: from the file (.pth torch, .onnx onnxruntime, .engine tensorrt)",
+    )
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     ev.add_argument("--batch", type=int, default=8)
     ev.add_argument("--workers", type=int, default=2)
@@ -97,12 +128,25 @@ def _quiet_libraries(verbose: bool) -> None:
 
 def _settings_from_args(args: argparse.Namespace) -> TrainSettings:
     settings = load_train_config(args.config) if args.config else TrainSettings()
-    return apply_train_overrides(settings, TrainOverrides(
-        data=args.data, images=args.images, val_data=args.val_data, size=args.size, imgsz=args.imgsz,
-        epochs=args.epochs, batch=args.batch, workers=args.workers, out=args.out,
-        init_from=args.init_from, resume=True if args.resume else None, device=args.device,
-        max_steps=args.max_steps, seed=args.seed,
-    ))
+    return apply_train_overrides(
+        settings,
+        TrainOverrides(
+            data=args.data,
+            images=args.images,
+            val_data=args.val_data,
+            size=args.size,
+            imgsz=args.imgsz,
+            epochs=args.epochs,
+            batch=args.batch,
+            workers=args.workers,
+            out=args.out,
+            init_from=args.init_from,
+            resume=True if args.resume else None,
+            device=args.device,
+            max_steps=args.max_steps,
+            seed=args.seed,
+        ),
+    )
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -112,15 +156,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     _quiet_libraries(getattr(args, "verbose", False))
     settings = _settings_from_args(args)
     if settings.data.data is None:
-        raise ValueError("no dataset: pass --data (a COCO annotations .json or a YOLO data.yaml) "
-                         "or set data.data in the config")
+        raise ValueError(
+            "no dataset: pass --data (a COCO annotations .json or a YOLO data.yaml) "
+            "or set data.data in the config"
+        )
     if settings.init_from is not None and not settings.init_from.is_file():
         raise FileNotFoundError(f"--from {settings.init_from}: no such checkpoint (check the path)")
     if settings.resume and not (settings.out / "last.pth").is_file():
-        raise FileNotFoundError(f"--resume: {settings.out / 'last.pth'} does not exist; point --out at "
-                                "the run folder, or start without --resume")
-    dataset = load_dataset(settings.data.data, settings.data.images, settings.data.val_data,
-                           settings.data.val_fraction)
+        raise FileNotFoundError(
+            f"--resume: {settings.out / 'last.pth'} does not exist; point --out at "
+            "the run folder, or start without --resume"
+        )
+    dataset = load_dataset(
+        settings.data.data, settings.data.images, settings.data.val_data, settings.data.val_fraction
+    )
     print(f"dataset: {dataset.description}", file=sys.stderr)
     trainer = Trainer(settings, dataset, progress=None if args.no_progress else sys.stderr)
 
@@ -131,8 +180,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         signals_seen += 1
         if signals_seen > 1:
             raise KeyboardInterrupt  # second interrupt: stop now, without a checkpoint
-        print(f"\n{signal.Signals(signum).name}: finishing this step and writing last.pth "
-              "(again to abort)", file=sys.stderr)
+        print(
+            f"\n{signal.Signals(signum).name}: finishing this step and writing last.pth "
+            "(again to abort)",
+            file=sys.stderr,
+        )
         trainer.request_stop()
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -148,10 +200,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     best = "-" if result.best_map50_95 is None else f"{result.best_map50_95:.3f}"
     where = result.last_checkpoint or settings.out
     if result.interrupted:
-        print(f"interrupted at step {result.steps}: saved {where}; continue with --resume", file=sys.stderr)
+        print(
+            f"interrupted at step {result.steps}: saved {where}; continue with --resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
-    print(f"done: {result.steps} steps, {result.epochs_done} epochs, best val AP50:95 {best}; "
-          f"run folder {settings.out}", file=sys.stderr)
+    print(
+        f"done: {result.steps} steps, {result.epochs_done} epochs, best val AP50:95 {best}; "
+        f"run folder {settings.out}",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
@@ -173,27 +231,53 @@ def make_eval_predictor(
     from stages.infer import InferConfig, make_backend, prepare_model
 
     info = read_model_info(model_path)
-    chosen = backend or {ModelKind.CHECKPOINT: "torch", ModelKind.ONNX: "onnxruntime",
-                         ModelKind.ENGINE: "tensorrt"}[info.kind]
-    side = imgsz or (info.input_size_hw[0] if info.input_size_hw else _checkpoint_imgsz(model_path, info.kind))
+    chosen = (
+        backend
+        or {
+            ModelKind.CHECKPOINT: "torch",
+            ModelKind.ONNX: "onnxruntime",
+            ModelKind.ENGINE: "tensorrt",
+        }[info.kind]
+    )
+    side = imgsz or (
+        info.input_size_hw[0] if info.input_size_hw else _checkpoint_imgsz(model_path, info.kind)
+    )
     if chosen == "torch":
         if info.kind is not ModelKind.CHECKPOINT:
-            raise ValueError(f"--backend torch needs a .pth checkpoint, not {model_path.name}; "
-                             "use --backend onnxruntime or tensorrt")
+            raise ValueError(
+                f"--backend torch needs a .pth checkpoint, not {model_path.name}; "
+                "use --backend onnxruntime or tensorrt"
+            )
         from dfine.checkpoint import build_and_load
 
-        dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+        dev = torch.device(
+            "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+        )
         if device == "cuda" and dev.type != "cuda":
             raise ValueError("--device cuda: no CUDA GPU is visible to torch; use --device cpu")
         model = build_and_load(info.size or "n", info.num_classes, model_path).to(dev)
-        return torch_predictor(model, info.num_classes, dev), list(info.class_names), side, info.describe()
-    prepared = prepare_model(InferConfig(backend=chosen, model=model_path, imgsz=side, device=device))
+        return (
+            torch_predictor(model, info.num_classes, dev),
+            list(info.class_names),
+            side,
+            info.describe(),
+        )
+    prepared = prepare_model(
+        InferConfig(backend=chosen, model=model_path, imgsz=side, device=device)
+    )
     det = make_backend(prepared.config, prepared.info)
 
-    def predict(images: torch.Tensor, orig_sizes_wh: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict(
+        images: torch.Tensor, orig_sizes_wh: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         return det(images.to(det.device), orig_sizes_wh)
 
-    return predict, list(det.class_names), int(prepared.config.imgsz or side), prepared.info.describe()
+    return (
+        predict,
+        list(det.class_names),
+        int(prepared.config.imgsz or side),
+        prepared.info.describe(),
+    )
 
 
 def _checkpoint_imgsz(path: Path, kind: Any) -> int:
@@ -215,12 +299,16 @@ def _label_names_for(model_names: Sequence[str], data_names: Sequence[str]) -> l
     if not set(data_names) <= set(model_names):
         generic = all(n == f"class_{i}" for i, n in enumerate(model_names))
         if generic and len(model_names) == len(data_names):
-            logger.warning("the model has no class names; taking them in the dataset's order (%s)",
-                           ", ".join(data_names))
+            logger.warning(
+                "the model has no class names; taking them in the dataset's order (%s)",
+                ", ".join(data_names),
+            )
             return list(data_names)
         missing = [n for n in data_names if n not in model_names]
-        raise ValueError(f"the model has no class {missing[0]!r} of the dataset (model classes: "
-                         f"{', '.join(model_names[:10])}{'...' if len(model_names) > 10 else ''})")
+        raise ValueError(
+            f"the model has no class {missing[0]!r} of the dataset (model classes: "
+            f"{', '.join(model_names[:10])}{'...' if len(model_names) > 10 else ''})"
+        )
     return list(model_names)
 
 
@@ -237,14 +325,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     samples = list(dataset.train) + list(dataset.val) if args.all else list(dataset.val)
     if not samples:
         raise ValueError(f"{args.data}: the val split is empty; pass --all to evaluate every image")
-    predict, model_names, side, described = make_eval_predictor(args.model, args.backend, args.imgsz, args.device)
+    predict, model_names, side, described = make_eval_predictor(
+        args.model, args.backend, args.imgsz, args.device
+    )
     label_names = _label_names_for(model_names, dataset.class_names)
     print(f"evaluating {described} at {side}x{side} on {len(samples)} images", file=sys.stderr)
-    result = evaluate_predictor(predict, samples, list(dataset.class_names), imgsz=side, batch=args.batch,
-                                workers=args.workers, label_names=label_names)
+    result = evaluate_predictor(
+        predict,
+        samples,
+        list(dataset.class_names),
+        imgsz=side,
+        batch=args.batch,
+        workers=args.workers,
+        label_names=label_names,
+    )
     print(result.format_table())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({**result.to_json(), "model": str(args.model), "data": str(args.data),
-                                         "imgsz": side}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    **result.to_json(),
+                    "model": str(args.model),
+                    "data": str(args.data),
+                    "imgsz": side,
+                },
+                indent=2,
+            )
+        )
     return EXIT_OK

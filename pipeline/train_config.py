@@ -38,22 +38,44 @@ class TrainOverrides:
 
 def load_train_config(path: Path) -> TrainSettings:
     """Read and validate a training YAML; errors name the file and the key path."""
-    return load_yaml(TrainSettings, path, missing=f"training config not found: {path} (see configs/train_n.yaml)")
+    return load_yaml(
+        TrainSettings, path, missing=f"training config not found: {path} (see configs/train_n.yaml)"
+    )
 
 
 def apply_train_overrides(settings: TrainSettings, cli: TrainOverrides) -> TrainSettings:
     """``settings`` with the command line's values put in (each re-validated)."""
     try:
-        data_changes = {k: v for k, v in (("data", cli.data), ("images", cli.images),
-                                          ("val_data", cli.val_data), ("imgsz", cli.imgsz),
-                                          ("batch", cli.batch), ("workers", cli.workers))
-                        if v is not None}
-        top = {k: v for k, v in (("size", cli.size), ("epochs", cli.epochs), ("out", cli.out),
-                                 ("init_from", cli.init_from), ("resume", cli.resume),
-                                 ("max_steps", cli.max_steps), ("seed", cli.seed)) if v is not None}
+        data_changes = {
+            k: v
+            for k, v in (
+                ("data", cli.data),
+                ("images", cli.images),
+                ("val_data", cli.val_data),
+                ("imgsz", cli.imgsz),
+                ("batch", cli.batch),
+                ("workers", cli.workers),
+            )
+            if v is not None
+        }
+        top = {
+            k: v
+            for k, v in (
+                ("size", cli.size),
+                ("epochs", cli.epochs),
+                ("out", cli.out),
+                ("init_from", cli.init_from),
+                ("resume", cli.resume),
+                ("max_steps", cli.max_steps),
+                ("seed", cli.seed),
+            )
+            if v is not None
+        }
         if cli.device is not None:
             top["device"] = TrainDevice(cli.device)
-        return dataclasses.replace(settings, data=dataclasses.replace(settings.data, **data_changes), **top)
+        return dataclasses.replace(
+            settings, data=dataclasses.replace(settings.data, **data_changes), **top
+        )
     except ConfigError:
         raise
     except ValueError as exc:

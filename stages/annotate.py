@@ -34,10 +34,26 @@ from stages.frame import Detections
 
 # 20 well-separated RGB colours (Tableau-like), readable on both dark and light scenes.
 PALETTE_RGB: tuple[tuple[int, int, int], ...] = (
-    (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
-    (140, 86, 75), (227, 119, 194), (188, 189, 34), (23, 190, 207), (255, 187, 120),
-    (152, 223, 138), (255, 152, 150), (197, 176, 213), (196, 156, 148), (247, 182, 210),
-    (219, 219, 141), (158, 218, 229), (57, 59, 121), (99, 121, 57), (140, 109, 49),
+    (31, 119, 180),
+    (255, 127, 14),
+    (44, 160, 44),
+    (214, 39, 40),
+    (148, 103, 189),
+    (140, 86, 75),
+    (227, 119, 194),
+    (188, 189, 34),
+    (23, 190, 207),
+    (255, 187, 120),
+    (152, 223, 138),
+    (255, 152, 150),
+    (197, 176, 213),
+    (196, 156, 148),
+    (247, 182, 210),
+    (219, 219, 141),
+    (158, 218, 229),
+    (57, 59, 121),
+    (99, 121, 57),
+    (140, 109, 49),
 )
 
 
@@ -69,7 +85,9 @@ class Annotator(abc.ABC):
         """Draw the analytics in place; most annotators draw none (so not abstract)."""
 
     @abc.abstractmethod
-    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+    def draw(
+        self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]
+    ) -> None:
         """Draw in place on ``canvas_rgb_u8``, which the caller owns."""
 
 
@@ -79,15 +97,21 @@ class BoxAnnotator(Annotator):
             raise ValueError(f"thickness must be >= 1, got {thickness}")
         self.thickness = thickness
 
-    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+    def draw(
+        self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]
+    ) -> None:
         for (x1, y1, x2, y2), track_id, class_id in _rows(detections, canvas_rgb_u8.shape):
-            cv2.rectangle(canvas_rgb_u8, (x1, y1), (x2, y2), color_for(track_id, class_id), self.thickness)
+            cv2.rectangle(
+                canvas_rgb_u8, (x1, y1), (x2, y2), color_for(track_id, class_id), self.thickness
+            )
 
 
 class LabelAnnotator(Annotator):
     """Caption above each box: ``"label score #id"`` (score and id optional)."""
 
-    def __init__(self, text_scale: float = 0.5, show_score: bool = True, show_track_id: bool = True) -> None:
+    def __init__(
+        self, text_scale: float = 0.5, show_score: bool = True, show_track_id: bool = True
+    ) -> None:
         if text_scale <= 0:
             raise ValueError(f"text_scale must be > 0, got {text_scale}")
         self.text_scale = text_scale
@@ -95,7 +119,9 @@ class LabelAnnotator(Annotator):
         self.show_track_id = show_track_id
         self._thickness = max(1, round(text_scale * 2))
 
-    def caption(self, class_id: int, score: float, track_id: int, class_names: Sequence[str]) -> str:
+    def caption(
+        self, class_id: int, score: float, track_id: int, class_names: Sequence[str]
+    ) -> str:
         parts = [label_for(class_id, class_names)]
         if self.show_score:
             parts.append(f"{score:.2f}")
@@ -103,7 +129,9 @@ class LabelAnnotator(Annotator):
             parts.append(f"#{track_id}")
         return " ".join(parts)
 
-    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+    def draw(
+        self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]
+    ) -> None:
         height, width = canvas_rgb_u8.shape[:2]
         font = cv2.FONT_HERSHEY_SIMPLEX
         scores = detections.scores.tolist()
@@ -111,7 +139,9 @@ class LabelAnnotator(Annotator):
             _row_indices(detections), _rows(detections, canvas_rgb_u8.shape)
         ):
             text = self.caption(class_id, scores[row], track_id, class_names)
-            (text_w, text_h), baseline = cv2.getTextSize(text, font, self.text_scale, self._thickness)
+            (text_w, text_h), baseline = cv2.getTextSize(
+                text, font, self.text_scale, self._thickness
+            )
             pad = 2
             box_h = text_h + baseline + 2 * pad
             # Above the box when there is room, else inside it; kept within the picture.
@@ -119,10 +149,24 @@ class LabelAnnotator(Annotator):
             top = min(max(0, top), max(0, height - box_h))
             left = min(max(0, x1), max(0, width - text_w - 2 * pad))
             color = color_for(track_id, class_id)
-            cv2.rectangle(canvas_rgb_u8, (left, top), (left + text_w + 2 * pad, top + box_h), color, cv2.FILLED)
+            cv2.rectangle(
+                canvas_rgb_u8,
+                (left, top),
+                (left + text_w + 2 * pad, top + box_h),
+                color,
+                cv2.FILLED,
+            )
             ink = (0, 0, 0) if sum(color) > 382 else (255, 255, 255)
-            cv2.putText(canvas_rgb_u8, text, (left + pad, top + pad + text_h), font, self.text_scale,
-                        ink, self._thickness, cv2.LINE_AA)
+            cv2.putText(
+                canvas_rgb_u8,
+                text,
+                (left + pad, top + pad + text_h),
+                font,
+                self.text_scale,
+                ink,
+                self._thickness,
+                cv2.LINE_AA,
+            )
 
 
 class TrailAnnotator(Annotator):
@@ -148,7 +192,9 @@ class TrailAnnotator(Annotator):
     def tracks_held(self) -> int:
         return len(self._points)
 
-    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+    def draw(
+        self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]
+    ) -> None:
         self._frame += 1
         for (x1, _, x2, y2), track_id, class_id in _rows(detections, canvas_rgb_u8.shape):
             if track_id < 0:
@@ -157,13 +203,21 @@ class TrailAnnotator(Annotator):
             trail.append(((x1 + x2) // 2, y2))
             self._last_seen[track_id] = self._frame
             self._class[track_id] = class_id
-        for track_id in [t for t, seen in self._last_seen.items() if self._frame - seen >= self.length]:
+        for track_id in [
+            t for t, seen in self._last_seen.items() if self._frame - seen >= self.length
+        ]:
             del self._points[track_id], self._last_seen[track_id], self._class[track_id]
         for track_id, trail in self._points.items():
             if len(trail) >= 2:
                 points = np.array(trail, dtype=np.int32).reshape(-1, 1, 2)
-                cv2.polylines(canvas_rgb_u8, [points], False, color_for(track_id, self._class[track_id]),
-                              self.thickness, cv2.LINE_AA)
+                cv2.polylines(
+                    canvas_rgb_u8,
+                    [points],
+                    False,
+                    color_for(track_id, self._class[track_id]),
+                    self.thickness,
+                    cv2.LINE_AA,
+                )
 
 
 class AnnotatorChain(Annotator):
@@ -172,7 +226,9 @@ class AnnotatorChain(Annotator):
     def __init__(self, annotators: Sequence[Annotator]) -> None:
         self.annotators = tuple(annotators)
 
-    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+    def draw(
+        self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]
+    ) -> None:
         for annotator in self.annotators:
             annotator.draw(canvas_rgb_u8, detections, class_names)
 
@@ -197,7 +253,9 @@ class AnalyticsAnnotator(Annotator):
         self.text_scale = text_scale
         self._text_thickness = max(1, round(text_scale * 2))
 
-    def draw(self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]) -> None:
+    def draw(
+        self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]
+    ) -> None:
         pass  # only the overlay
 
     def draw_overlay(self, canvas_rgb_u8: np.ndarray, overlay: AnalyticsOverlay) -> None:
@@ -206,7 +264,9 @@ class AnalyticsAnnotator(Annotator):
             points = np.rint(np.array(zone.polygon_xy)).astype(np.int32).reshape(-1, 1, 2)
             cv2.polylines(canvas_rgb_u8, [points], True, ZONE_RGB, self.thickness, cv2.LINE_AA)
             x, y = points[:, 0, 0].min(), points[:, 0, 1].min()
-            self._text(canvas_rgb_u8, f"{zone.name}: {zone.occupancy}", (int(x) + 4, int(y) + 4), ZONE_RGB)
+            self._text(
+                canvas_rgb_u8, f"{zone.name}: {zone.occupancy}", (int(x) + 4, int(y) + 4), ZONE_RGB
+            )
         for line in overlay.lines:
             a = np.array(line.a_xy)
             b = np.array(line.b_xy)
@@ -218,8 +278,15 @@ class AnalyticsAnnotator(Annotator):
             mid = (a + b) / 2
             size = max(20.0, 0.04 * min(width, height))
             tail, head = mid - right * size / 2, mid + right * size / 2
-            cv2.arrowedLine(canvas_rgb_u8, _pixel(tail, width, height), _pixel(head, width, height),
-                            LINE_RGB, self.thickness, cv2.LINE_AA, tipLength=0.35)
+            cv2.arrowedLine(
+                canvas_rgb_u8,
+                _pixel(tail, width, height),
+                _pixel(head, width, height),
+                LINE_RGB,
+                self.thickness,
+                cv2.LINE_AA,
+                tipLength=0.35,
+            )
             self._text(canvas_rgb_u8, "in", _pixel(head + right * 6, width, height), LINE_RGB)
         self._panel(canvas_rgb_u8, overlay)
 
@@ -230,8 +297,11 @@ class AnalyticsAnnotator(Annotator):
             rows += [f"  {label}: in {n_in}  out {n_out}" for label, n_in, n_out in line.by_class]
         for zone in overlay.zones:
             inside = ", ".join(f"{label} {n}" for label, n in zone.by_class)
-            rows.append(f"{zone.name}: {zone.occupancy} inside" + (f" ({inside})" if inside else "")
-                        + f", {zone.entered} entered")
+            rows.append(
+                f"{zone.name}: {zone.occupancy} inside"
+                + (f" ({inside})" if inside else "")
+                + f", {zone.entered} entered"
+            )
         if not rows:
             return
         font = cv2.FONT_HERSHEY_SIMPLEX
@@ -241,22 +311,54 @@ class AnalyticsAnnotator(Annotator):
         height, width = canvas_rgb_u8.shape[:2]
         panel_h = min(height, line_h * len(rows) + 8)
         region = canvas_rgb_u8[:panel_h, : min(width, panel_w)]
-        region[...] = (region.astype(np.uint16) * 2 // 5).astype(np.uint8)  # darkened, still see-through
+        region[...] = (region.astype(np.uint16) * 2 // 5).astype(
+            np.uint8
+        )  # darkened, still see-through
         for i, text in enumerate(rows):
             y = 4 + line_h * (i + 1) - 4
             if y > panel_h:
                 break
-            cv2.putText(canvas_rgb_u8, text, (6, y), font, self.text_scale, (255, 255, 255),
-                        self._text_thickness, cv2.LINE_AA)
+            cv2.putText(
+                canvas_rgb_u8,
+                text,
+                (6, y),
+                font,
+                self.text_scale,
+                (255, 255, 255),
+                self._text_thickness,
+                cv2.LINE_AA,
+            )
 
-    def _text(self, canvas_rgb_u8: np.ndarray, text: str, org: tuple[int, int], color: tuple[int, int, int]) -> None:
+    def _text(
+        self,
+        canvas_rgb_u8: np.ndarray,
+        text: str,
+        org: tuple[int, int],
+        color: tuple[int, int, int],
+    ) -> None:
         font = cv2.FONT_HERSHEY_SIMPLEX
         (_, text_h), _ = cv2.getTextSize(text, font, self.text_scale, self._text_thickness)
         x, y = org
-        cv2.putText(canvas_rgb_u8, text, (x, y + text_h), font, self.text_scale, (0, 0, 0),
-                    self._text_thickness + 2, cv2.LINE_AA)
-        cv2.putText(canvas_rgb_u8, text, (x, y + text_h), font, self.text_scale, color,
-                    self._text_thickness, cv2.LINE_AA)
+        cv2.putText(
+            canvas_rgb_u8,
+            text,
+            (x, y + text_h),
+            font,
+            self.text_scale,
+            (0, 0, 0),
+            self._text_thickness + 2,
+            cv2.LINE_AA,
+        )
+        cv2.putText(
+            canvas_rgb_u8,
+            text,
+            (x, y + text_h),
+            font,
+            self.text_scale,
+            color,
+            self._text_thickness,
+            cv2.LINE_AA,
+        )
 
 
 def _pixel(point_xy: np.ndarray, width: int, height: int) -> tuple[int, int]:
@@ -289,9 +391,13 @@ class AnnotateConfig:
         if self.box_thickness < 1:
             raise ValueError(f"annotate.box_thickness must be >= 1, got {self.box_thickness}")
         if self.text_scale < 0:
-            raise ValueError(f"annotate.text_scale must be >= 0 (0: no captions), got {self.text_scale}")
+            raise ValueError(
+                f"annotate.text_scale must be >= 0 (0: no captions), got {self.text_scale}"
+            )
         if self.trail_length < 0 or self.trail_length == 1:
-            raise ValueError(f"annotate.trail_length must be 0 (off) or >= 2, got {self.trail_length}")
+            raise ValueError(
+                f"annotate.trail_length must be 0 (off) or >= 2, got {self.trail_length}"
+            )
 
 
 def make_annotator(config: AnnotateConfig) -> Annotator:

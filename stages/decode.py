@@ -175,11 +175,17 @@ class FileSource(StageBase[FramePacket]):
         raised here, before the pipeline starts, and the picture size is known."""
         path = self._path
         if not path.exists():
-            raise VideoSourceError(f"video file not found: {path} (check --source or sources[].file.path)")
+            raise VideoSourceError(
+                f"video file not found: {path} (check --source or sources[].file.path)"
+            )
         if not path.is_file():
-            raise VideoSourceError(f"video path is not a file: {path} (give a video file, not a folder)")
+            raise VideoSourceError(
+                f"video path is not a file: {path} (give a video file, not a folder)"
+            )
         if path.stat().st_size == 0:
-            raise VideoSourceError(f"video file is empty (0 bytes): {path} (give a complete video file)")
+            raise VideoSourceError(
+                f"video file is empty (0 bytes): {path} (give a complete video file)"
+            )
         # A fresh start (check() opened the file once before).
         self._evidence = []
         self._decode_errors = 0
@@ -202,7 +208,9 @@ class FileSource(StageBase[FramePacket]):
         stream.codec_context.thread_count = self.config.decode_threads
         self._stream = stream
         self._frame_rate = _stream_rate(stream)
-        self._total_frames, self._total_is_exact = _estimate_total(stream, container, self._frame_rate)
+        self._total_frames, self._total_is_exact = _estimate_total(
+            stream, container, self._frame_rate
+        )
 
         self._frames = self._decode_all()
         self._first_frame = next(self._frames, None)
@@ -216,7 +224,11 @@ class FileSource(StageBase[FramePacket]):
         self._height, self._width = first.shape[:2]
         logger.info(
             "opened %s: %s %dx%d (displayed), %.3f fps, ~%s frames",
-            path, stream.codec_context.name, self._width, self._height, self._frame_rate,
+            path,
+            stream.codec_context.name,
+            self._width,
+            self._height,
+            self._frame_rate,
             self._total_frames if self._total_frames is not None else "?",
         )
 
@@ -235,7 +247,10 @@ class FileSource(StageBase[FramePacket]):
         self._first_frame = None
         try:
             while True:
-                if self.config.max_frames is not None and self.frames_decoded >= self.config.max_frames:
+                if (
+                    self.config.max_frames is not None
+                    and self.frames_decoded >= self.config.max_frames
+                ):
                     return  # a deliberate preview: nothing was lost
                 frame = first if first is not None else next(frames, None)
                 first = None
@@ -259,7 +274,10 @@ class FileSource(StageBase[FramePacket]):
                             logger.warning(
                                 "%s: frame %d has pts %.4f s, not after %.4f s; "
                                 "placing it one frame period later (further repairs counted)",
-                                self._path, index, pts_s, last_pts_s,
+                                self._path,
+                                index,
+                                pts_s,
+                                last_pts_s,
                             )
                         pts_s = last_pts_s + frame_period_s
                 last_pts_s = pts_s
@@ -321,7 +339,9 @@ class FileSource(StageBase[FramePacket]):
                 # A damaged or cut-off packet: skip it, later packets may decode.
                 self._decode_errors += 1
                 self._last_error = exc
-                logger.debug("%s: packet at pts %s does not decode: %s", self._path, packet.pts, exc)
+                logger.debug(
+                    "%s: packet at pts %s does not decode: %s", self._path, packet.pts, exc
+                )
                 continue
             yield from decoded  # type: ignore[misc]
 
@@ -349,21 +369,26 @@ class FileSource(StageBase[FramePacket]):
                 self.frames_lost_estimate = expected - decoded
                 logger.warning(
                     "%s: decoded %d of ~%d frames; the file is truncated (%s)",
-                    self._path, decoded, expected, self.truncation,
+                    self._path,
+                    decoded,
+                    expected,
+                    self.truncation,
                 )
             else:
                 logger.warning(
                     "%s: decoded %d frames; the file is truncated (%s)",
-                    self._path, decoded, self.truncation,
+                    self._path,
+                    decoded,
+                    self.truncation,
                 )
             return
         if self._decode_errors > 0:
             logger.warning(
                 "%s: %d packets could not be decoded and were skipped (last error: %s)",
-                self._path, self._decode_errors, self._last_error,
+                self._path,
+                self._decode_errors,
+                self._last_error,
             )
-
-
 
 
 def _stream_rate(stream: av.VideoStream) -> float:

@@ -75,15 +75,21 @@ EVENT_SCHEMA_VERSION: Final = 2
 
 #: What each version changed, newest first (docs/events.md shows it).
 SCHEMA_CHANGES: Final[tuple[tuple[int, str], ...]] = (
-    (2, "One schema for every sink: JSON Lines now holds the same messages as ZeroMQ, one per "
+    (
+        2,
+        "One schema for every sink: JSON Lines now holds the same messages as ZeroMQ, one per "
         "line (it had its own per-frame object with `box`, `pts`, `track_id: -1` and tracker "
-        "events `{\"event\", \"track_id\", \"class_id\"}`). `track_ended` gains `reason`, "
+        'events `{"event", "track_id", "class_id"}`). `track_ended` gains `reason`, '
         "`last_seen_pts_s` and `box_xyxy`, and is also sent for tracks still alive when the "
         "stream ends (`reason: stream_ended`). New types: `line_crossed`, `zone_entered`, "
         "`zone_exited`, `zone_loitering`, `analytics_summary`. Labels of unnamed classes are "
-        "`class_<id>` everywhere."),
-    (1, "First version: `frame`, `track_started`, `track_ended`, `source_lost`, "
-        "`source_restored` over ZeroMQ."),
+        "`class_<id>` everywhere.",
+    ),
+    (
+        1,
+        "First version: `frame`, `track_started`, `track_ended`, `source_lost`, "
+        "`source_restored` over ZeroMQ.",
+    ),
 )
 
 # Boxes to 1/100 px and scores to 1e-4 are far below what a detector resolves, and they keep a
@@ -199,8 +205,8 @@ class TrackEndedEvent(TypedDict):
     class_id: _CLASS
     label: _LABEL
     reason: Annotated[
-        Literal["lost",
-        "stream_ended"], "`lost`: not matched for too long; `stream_ended`: still tracked at the end",
+        Literal["lost", "stream_ended"],
+        "`lost`: not matched for too long; `stream_ended`: still tracked at the end",
     ]
     last_seen_frame: Annotated[int, "the last frame where it was matched to a detection"]
     last_seen_pts_s: Annotated[float, "that frame's presentation time"]
@@ -257,8 +263,8 @@ class LineCrossedEvent(TypedDict):
     pts_s: _PTS
     line: _LINE
     direction: Annotated[
-        Literal["in",
-        "out"], "`in`: from the left of A→B (as seen on the picture) to its right; `out`: the other way",
+        Literal["in", "out"],
+        "`in`: from the left of A→B (as seen on the picture) to its right; `out`: the other way",
     ]
     track_id: _TRACK
     class_id: _CLASS
@@ -306,8 +312,8 @@ class ZoneExitedEvent(TypedDict):
     class_id: _CLASS
     label: _LABEL
     reason: Annotated[
-        Literal["left",
-        "track_ended"], "`left`: seen outside; `track_ended`: the tracker dropped it inside",
+        Literal["left", "track_ended"],
+        "`left`: seen outside; `track_ended`: the tracker dropped it inside",
     ]
     dwell_s: Annotated[float, "stream time (pts) from its first to its last observation inside"]
     occupancy: Annotated[int, "tracks in the zone now, all classes"]
@@ -792,4 +798,3 @@ def decode_event(data: bytes | str) -> dict[str, Any]:
         if not isinstance(event.get(key), str):
             raise EventError(f"event has no {key!r} string: {str(event)[:80]}")
     return event
-

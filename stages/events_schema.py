@@ -57,7 +57,14 @@ def markdown_reference() -> str:
     nested: dict[str, type] = {}
     out: list[str] = []
     for kind, cls in EVENT_TYPES.items():
-        out += [f"### {kind.value}", "", _doc_line(cls), "", *_table(cls, nested, envelope=False), ""]
+        out += [
+            f"### {kind.value}",
+            "",
+            _doc_line(cls),
+            "",
+            *_table(cls, nested, envelope=False),
+            "",
+        ]
     done: set[str] = set()
     while nested:
         name, cls = next(iter(nested.items()))
@@ -65,7 +72,14 @@ def markdown_reference() -> str:
         if name in done:
             continue
         done.add(name)
-        out += [f"### {name} (object)", "", _doc_line(cls), "", *_table(cls, nested, envelope=True), ""]
+        out += [
+            f"### {name} (object)",
+            "",
+            _doc_line(cls),
+            "",
+            *_table(cls, nested, envelope=True),
+            "",
+        ]
     out += ["## Schema versions", ""]
     out += [f"- **v{version}**: {text}" for version, text in SCHEMA_CHANGES]
     return "\n".join(out).rstrip() + "\n"
@@ -81,7 +95,9 @@ def render_doc(text: str) -> str:
         head, rest = text.split(DOC_BEGIN, 1)
         _, tail = rest.split(DOC_END, 1)
     except ValueError:
-        raise ValueError(f"docs/events.md must contain the lines {DOC_BEGIN!r} and {DOC_END!r}") from None
+        raise ValueError(
+            f"docs/events.md must contain the lines {DOC_BEGIN!r} and {DOC_END!r}"
+        ) from None
     return f"{head}{DOC_BEGIN}\n\n{markdown_reference()}\n{DOC_END}{tail}"
 
 

@@ -135,7 +135,9 @@ class InferConfig:
         if self.num_classes is not None and self.num_classes < 1:
             raise ValueError(f"model.num_classes must be >= 1, got {self.num_classes}")
         if self.imgsz is not None and (not 32 <= self.imgsz <= 4096 or self.imgsz % 32):
-            raise ValueError(f"model.imgsz must be a multiple of 32 in [32, 4096], got {self.imgsz}")
+            raise ValueError(
+                f"model.imgsz must be a multiple of 32 in [32, 4096], got {self.imgsz}"
+            )
         if not 0.0 <= self.score_threshold <= 1.0:
             raise ValueError(f"model.score_threshold must be in [0, 1], got {self.score_threshold}")
         if self.classes is not None:
@@ -223,7 +225,9 @@ def choose_backend(
     what = "a checkpoint" if kind is ModelKind.CHECKPOINT else "the untrained model"
     if resolve_device(config.device, cuda_available=cuda_available).type == "cuda":
         return BackendChoice(
-            Backend.TORCH, True, f"auto: {what} on a CUDA GPU runs fastest in torch with FP16 autocast"
+            Backend.TORCH,
+            True,
+            f"auto: {what} on a CUDA GPU runs fastest in torch with FP16 autocast",
         )
     return BackendChoice(
         Backend.ONNXRUNTIME,
@@ -262,7 +266,9 @@ def prepare_model(config: InferConfig, *, cuda_available: bool | None = None) ->
     """
     from dfine.checkpoint import CheckpointError
 
-    info = read_model_info(config.model, size=config.size or "n", num_classes=config.num_classes or 80)
+    info = read_model_info(
+        config.model, size=config.size or "n", num_classes=config.num_classes or 80
+    )
     choice = choose_backend(config, info.kind, cuda_available=cuda_available)
     name = info.path.name if info.path is not None else "the model"
     if config.size is not None and info.size is not None and info.size != config.size:
@@ -270,8 +276,10 @@ def prepare_model(config: InferConfig, *, cuda_available: bool | None = None) ->
             f"{name} is D-FINE-{info.size.upper()} with {info.num_classes} classes, but model.size "
             f"is {config.size!r}; drop --size (the file says it) or give a D-FINE-{config.size.upper()} file"
         )
-    if config.num_classes is not None and info.kind is not ModelKind.UNTRAINED and (
-        info.num_classes != config.num_classes
+    if (
+        config.num_classes is not None
+        and info.kind is not ModelKind.UNTRAINED
+        and (info.num_classes != config.num_classes)
     ):
         raise CheckpointError(
             f"{name} has {info.num_classes} classes, but model.num_classes is {config.num_classes}; "
@@ -366,8 +374,15 @@ def cached_onnx_export(config: InferConfig, class_names: Sequence[str] | None = 
     cache_dir = (config.onnx_cache_dir or DEFAULT_ONNX_CACHE).expanduser()
     source = "random" if config.model is None else _file_digest(config.model)
     key_text = "|".join(
-        [_EXPORT_VERSION, source, config.size, str(config.num_classes), str(config.imgsz),
-         str(config.opset), *(class_names or ())]
+        [
+            _EXPORT_VERSION,
+            source,
+            config.size,
+            str(config.num_classes),
+            str(config.imgsz),
+            str(config.opset),
+            *(class_names or ()),
+        ]
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:16]
     stem = "untrained" if config.model is None else config.model.stem
@@ -472,9 +487,7 @@ class InferenceStage(StageBase[FramePacket]):
         backend_factory: makes the backend; called once, in ``setup()``, in the stage thread.
     """
 
-    def __init__(
-        self, config: InferConfig, backend_factory: Callable[[], DetectorBackend]
-    ) -> None:
+    def __init__(self, config: InferConfig, backend_factory: Callable[[], DetectorBackend]) -> None:
         self.config = config
         self.name = "infer"
         self._factory = backend_factory
@@ -513,7 +526,9 @@ class InferenceStage(StageBase[FramePacket]):
             logger.warning(
                 "tiling: the model takes %s %d image%s per call, so the tiles of a frame run %s "
                 "(an export with a dynamic batch, e.g. `finestream export`, runs them in one call)",
-                "exactly" if self._batch.fixed else "at most", largest, "" if largest == 1 else "s",
+                "exactly" if self._batch.fixed else "at most",
+                largest,
+                "" if largest == 1 else "s",
                 "one after another" if largest == 1 else f"{largest} at a time",
             )
         logger.info(

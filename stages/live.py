@@ -308,7 +308,9 @@ class LiveSource(StageBase[FramePacket]):
                     return
                 reason = "stream ended (connection closed)"
                 if cfg.reconnect is ReconnectPolicy.NEVER:
-                    logger.info("%s: %s; reconnect is 'never', so the source ends", self.name, reason)
+                    logger.info(
+                        "%s: %s; reconnect is 'never', so the source ends", self.name, reason
+                    )
                     return
             except _Loss as loss:
                 reason = str(loss)

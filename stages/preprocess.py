@@ -149,8 +149,10 @@ class Preprocessor(StageBase[FramePacket]):
         tiles = ""
         if tiling.enabled:
             tile = tiling.tile_px or side
-            tiles = (f", tiled: {tile} px tiles, overlap {tiling.overlap:g}"
-                     f"{' + the whole frame' if tiling.full_frame else ''}")
+            tiles = (
+                f", tiled: {tile} px tiles, overlap {tiling.overlap:g}"
+                f"{' + the whole frame' if tiling.full_frame else ''}"
+            )
         logger.info("preprocess on %s to %dx%d%s", device, side, side, tiles)
 
     def process(self, item: FramePacket) -> FramePacket:
@@ -158,13 +160,19 @@ class Preprocessor(StageBase[FramePacket]):
         side = self.config.input_size
         uint8 = device.type == "cpu"
         if not self.config.tiling.enabled:
-            item.model_input = image_to_model_input(item.image_rgb_u8, side, device, resize_in_uint8=uint8)
+            item.model_input = image_to_model_input(
+                item.image_rgb_u8, side, device, resize_in_uint8=uint8
+            )
             return item
         crops = frame_crops(item.width, item.height, self.config.tiling, side)
         image = item.image_rgb_u8
-        images = torch.cat([
-            image_to_model_input(image[c.y0 : c.y1, c.x0 : c.x1], side, device, resize_in_uint8=uint8)
-            for c in crops
-        ])
+        images = torch.cat(
+            [
+                image_to_model_input(
+                    image[c.y0 : c.y1, c.x0 : c.x1], side, device, resize_in_uint8=uint8
+                )
+                for c in crops
+            ]
+        )
         item.model_input = TiledInput(images=images, crops=tuple(crops))
         return item

@@ -59,11 +59,17 @@ class TilingConfig:
             object.__setattr__(self, "merge", MergeMethod(self.merge))
         except ValueError:
             choices = ", ".join(m.value for m in MergeMethod)
-            raise ValueError(f"model.tiling.merge must be one of {choices}, got {self.merge!r}") from None
+            raise ValueError(
+                f"model.tiling.merge must be one of {choices}, got {self.merge!r}"
+            ) from None
         if self.tile_px is not None and self.tile_px < 32:
-            raise ValueError(f"model.tiling.tile_px must be >= 32 (null: the model input side), got {self.tile_px}")
+            raise ValueError(
+                f"model.tiling.tile_px must be >= 32 (null: the model input side), got {self.tile_px}"
+            )
         if self.overlap < 0:
-            raise ValueError(f"model.tiling.overlap must be >= 0 (a fraction below 1, else pixels), got {self.overlap}")
+            raise ValueError(
+                f"model.tiling.overlap must be >= 0 (a fraction below 1, else pixels), got {self.overlap}"
+            )
         side = self.tile_px
         if self.overlap >= 1 and side is not None and self.overlap >= side:
             raise ValueError(
@@ -71,7 +77,9 @@ class TilingConfig:
                 "give a fraction below 1 or fewer pixels"
             )
         if not 0.0 < self.merge_threshold <= 1.0:
-            raise ValueError(f"model.tiling.merge_threshold must be in (0, 1], got {self.merge_threshold}")
+            raise ValueError(
+                f"model.tiling.merge_threshold must be in (0, 1], got {self.merge_threshold}"
+            )
 
     def overlap_arg(self) -> float | int:
         """``overlap`` in the form :func:`tile_grid` takes (a float fraction or int pixels)."""
@@ -177,7 +185,11 @@ def merge_detections(
         raise ValueError(f"merge threshold must be in (0, 1], got {threshold}")
     n = len(scores)
     if n == 0:
-        return labels.astype(np.int64), boxes_xyxy.astype(np.float32).reshape(0, 4), scores.astype(np.float32)
+        return (
+            labels.astype(np.int64),
+            boxes_xyxy.astype(np.float32).reshape(0, 4),
+            scores.astype(np.float32),
+        )
     labels = labels.astype(np.int64)
     boxes = boxes_xyxy.astype(np.float32).reshape(n, 4)
     scores = scores.astype(np.float32)
@@ -185,7 +197,11 @@ def merge_detections(
     if method is MergeMethod.NMS:
         xywh = np.concatenate([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], axis=1)
         found = cv2.dnn.NMSBoxesBatched(
-            xywh.tolist(), scores.tolist(), labels.tolist(), score_threshold=0.0, nms_threshold=threshold
+            xywh.tolist(),
+            scores.tolist(),
+            labels.tolist(),
+            score_threshold=0.0,
+            nms_threshold=threshold,
         )
         keep = np.asarray(found, dtype=np.int64).reshape(-1)
         keep = keep[np.argsort(-scores[keep], kind="stable")]
@@ -228,7 +244,9 @@ def frame_crops(width: int, height: int, config: TilingConfig, model_side: int) 
     """
     side = config.tile_px or model_side
     if side > 0 and config.overlap >= 1 and config.overlap >= side:
-        raise ValueError(f"model.tiling.overlap {config.overlap:g} px leaves no stride for {side} px tiles")
+        raise ValueError(
+            f"model.tiling.overlap {config.overlap:g} px leaves no stride for {side} px tiles"
+        )
     tiles = tile_grid(width, height, (side, side), config.overlap_arg())
     whole = Tile(0, 0, width, height)
     if len(tiles) == 1:
@@ -248,7 +266,10 @@ def _min_overlaps(crops: Sequence[Tile]) -> tuple[int, int]:
 
 
 def drop_border_cut(
-    boxes_xyxy: np.ndarray, tile: Tile, frame_wh: tuple[int, int], overlap_xy: tuple[int, int],
+    boxes_xyxy: np.ndarray,
+    tile: Tile,
+    frame_wh: tuple[int, int],
+    overlap_xy: tuple[int, int],
     margin_px: float = 2.0,
 ) -> np.ndarray:
     """bool ``(K,)``: which boxes of one tile to keep, dropping those cut by an inner border.
@@ -308,7 +329,11 @@ def merge_crops(
     width, height = frame_wh
     if len(crops) == 1 and crops[0] == Tile(0, 0, width, height):
         labels, boxes, scores = results[0]
-        return labels.astype(np.int64), boxes.astype(np.float32).reshape(-1, 4), scores.astype(np.float32)
+        return (
+            labels.astype(np.int64),
+            boxes.astype(np.float32).reshape(-1, 4),
+            scores.astype(np.float32),
+        )
     tiles = [c for c in crops if c != Tile(0, 0, width, height)]
     overlap_xy = _min_overlaps(tiles) if tiles else (0, 0)
     all_labels, all_boxes, all_scores = [], [], []
@@ -321,7 +346,11 @@ def merge_crops(
         all_boxes.append(shifted[keep])
         all_scores.append(scores[keep])
     return merge_detections(
-        np.concatenate(all_labels), np.concatenate(all_boxes), np.concatenate(all_scores), method, threshold
+        np.concatenate(all_labels),
+        np.concatenate(all_boxes),
+        np.concatenate(all_scores),
+        method,
+        threshold,
     )
 
 
@@ -340,4 +369,6 @@ class TiledInput:
 
     def __post_init__(self) -> None:
         if len(self.crops) != int(self.images.shape[0]):
-            raise ValueError(f"TiledInput: {len(self.crops)} crops for a batch of {int(self.images.shape[0])}")
+            raise ValueError(
+                f"TiledInput: {len(self.crops)} crops for a batch of {int(self.images.shape[0])}"
+            )

@@ -91,13 +91,21 @@ class CameraMotionConfig:
             object.__setattr__(self, "model", MotionModel(self.model))
         except ValueError:
             choices = ", ".join(m.value for m in MotionModel)
-            raise ValueError(f"track.camera_motion.model must be one of {choices}, got {self.model!r}") from None
+            raise ValueError(
+                f"track.camera_motion.model must be one of {choices}, got {self.model!r}"
+            ) from None
         if self.flow_max_side_px < 32:
-            raise ValueError(f"track.camera_motion.flow_max_side_px must be >= 32, got {self.flow_max_side_px}")
+            raise ValueError(
+                f"track.camera_motion.flow_max_side_px must be >= 32, got {self.flow_max_side_px}"
+            )
         if self.max_points < 4:
-            raise ValueError(f"track.camera_motion.max_points must be >= 4 (a homography), got {self.max_points}")
+            raise ValueError(
+                f"track.camera_motion.max_points must be >= 4 (a homography), got {self.max_points}"
+            )
         if self.min_distance_px < 1:
-            raise ValueError(f"track.camera_motion.min_distance_px must be >= 1, got {self.min_distance_px}")
+            raise ValueError(
+                f"track.camera_motion.min_distance_px must be >= 1, got {self.min_distance_px}"
+            )
 
 
 class ScaledTransformation(CoordinatesTransformation):
@@ -109,11 +117,15 @@ class ScaledTransformation(CoordinatesTransformation):
         self.scale = float(scale)
 
     def abs_to_rel(self, points: np.ndarray) -> np.ndarray:
-        out: np.ndarray = self.inner.abs_to_rel(np.asarray(points, dtype=np.float64) * self.scale) / self.scale
+        out: np.ndarray = (
+            self.inner.abs_to_rel(np.asarray(points, dtype=np.float64) * self.scale) / self.scale
+        )
         return out
 
     def rel_to_abs(self, points: np.ndarray) -> np.ndarray:
-        out: np.ndarray = self.inner.rel_to_abs(np.asarray(points, dtype=np.float64) * self.scale) / self.scale
+        out: np.ndarray = (
+            self.inner.rel_to_abs(np.asarray(points, dtype=np.float64) * self.scale) / self.scale
+        )
         return out
 
 
@@ -149,14 +161,20 @@ class CameraMotion:
 
     def _new_estimator(self) -> MotionEstimator:
         config = self.config
-        getter = (HomographyTransformationGetter() if config.model is MotionModel.HOMOGRAPHY
-                  else TranslationTransformationGetter())
+        getter = (
+            HomographyTransformationGetter()
+            if config.model is MotionModel.HOMOGRAPHY
+            else TranslationTransformationGetter()
+        )
         return MotionEstimator(
-            max_points=config.max_points, min_distance=config.min_distance_px,
+            max_points=config.max_points,
+            min_distance=config.min_distance_px,
             transformations_getter=getter,
         )
 
-    def update(self, image_rgb_u8: np.ndarray, boxes_xyxy: np.ndarray | None) -> CoordinatesTransformation | None:
+    def update(
+        self, image_rgb_u8: np.ndarray, boxes_xyxy: np.ndarray | None
+    ) -> CoordinatesTransformation | None:
         """The transformation from the stream's first frame to this one (image pixels).
 
         Args:
@@ -178,7 +196,9 @@ class CameraMotion:
         if self.config.mask_detections and boxes_xyxy is not None and len(boxes_xyxy):
             mask = np.ones(small.shape[:2], dtype=np.uint8)
             for x1, y1, x2, y2 in (np.asarray(boxes_xyxy, dtype=np.float64) * scale).tolist():
-                mask[max(0, int(y1)) : int(np.ceil(y2)) + 1, max(0, int(x1)) : int(np.ceil(x2)) + 1] = 0
+                mask[
+                    max(0, int(y1)) : int(np.ceil(y2)) + 1, max(0, int(x1)) : int(np.ceil(x2)) + 1
+                ] = 0
         try:
             # norfair greys the frame as BGR; RGB only weighs the channels differently.
             found = self._estimator.update(small, mask)
@@ -191,7 +211,9 @@ class CameraMotion:
             self._estimator = self._new_estimator()
             self._base = self._last
             return self._last
-        estimate: CoordinatesTransformation = ScaledTransformation(found, scale) if scale < 1.0 else found
+        estimate: CoordinatesTransformation = (
+            ScaledTransformation(found, scale) if scale < 1.0 else found
+        )
         self._last = estimate if self._base is None else ChainedTransformation(self._base, estimate)
         return self._last
 
@@ -227,7 +249,9 @@ class TrackConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 < self.duplicate_iou <= 1.0:
-            raise ValueError(f"track.duplicate_iou must be in (0, 1] (1.0: off), got {self.duplicate_iou}")
+            raise ValueError(
+                f"track.duplicate_iou must be in (0, 1] (1.0: off), got {self.duplicate_iou}"
+            )
         if not 0.0 < self.distance_threshold <= 1.0:
             raise ValueError(
                 f"track.distance_threshold must be in (0, 1] (a 1 - IoU distance), got {self.distance_threshold}"
@@ -249,7 +273,9 @@ class TrackConfig:
             )
 
 
-def iou_distance(detection: norfair.Detection, tracked_object: norfair.tracker.TrackedObject) -> float:
+def iou_distance(
+    detection: norfair.Detection, tracked_object: norfair.tracker.TrackedObject
+) -> float:
     """``1 - IoU`` of a detection's box and a track's predicted box, both ``[[x1, y1], [x2, y2]]``.
 
     norfair's own ``iou`` asserts on degenerate boxes and ``iou_opt`` divides by zero on them,
@@ -331,7 +357,11 @@ class Tracker(StageBase[FramePacket]):
     def process(self, item: FramePacket) -> FramePacket:
         state = self._streams.get(item.stream_id)
         if state is None:
-            motion = CameraMotion(self.config.camera_motion) if self.config.camera_motion.enabled else None
+            motion = (
+                CameraMotion(self.config.camera_motion)
+                if self.config.camera_motion.enabled
+                else None
+            )
             state = _StreamState(tracker=self._new_tracker(), motion=motion)
             self._streams[item.stream_id] = state
         period = 1 if state.last_index is None else max(1, item.index - state.last_index)
@@ -341,14 +371,17 @@ class Tracker(StageBase[FramePacket]):
         transformation = None
         if state.motion is not None:
             started = time.perf_counter()
-            transformation = state.motion.update(item.image_rgb_u8, dets.boxes_xyxy if dets is not None else None)
+            transformation = state.motion.update(
+                item.image_rgb_u8, dets.boxes_xyxy if dets is not None else None
+            )
             self._motion_s += time.perf_counter() - started
             self._motion_frames += 1
         norfair_dets = _to_norfair(dets, self.config) if dets is not None else []
         # norfair iterates the detections when given a transformation: a list, never None, then.
         active = state.tracker.update(
             detections=norfair_dets if transformation is not None else (norfair_dets or None),
-            period=period, coord_transformations=transformation,
+            period=period,
+            coord_transformations=transformation,
         )
         by_row = {d.data: d for d in norfair_dets}
 
@@ -374,11 +407,17 @@ class Tracker(StageBase[FramePacket]):
                 if seen is None:
                     class_id = int(dets.class_ids[row])
                     state.live[track_id] = _Seen(class_id, item.index, item.pts_s, boxes[row])
-                    self._publish(track_started_event(
-                        stream=item.stream_id, frame=item.index, pts_s=item.pts_s,
-                        track_id=track_id, class_id=class_id, box_xyxy=boxes[row],
-                        class_names=self.class_names,
-                    ))
+                    self._publish(
+                        track_started_event(
+                            stream=item.stream_id,
+                            frame=item.index,
+                            pts_s=item.pts_s,
+                            track_id=track_id,
+                            class_id=class_id,
+                            box_xyxy=boxes[row],
+                            class_names=self.class_names,
+                        )
+                    )
                 else:
                     seen.frame, seen.pts_s, seen.box_xyxy = item.index, item.pts_s, boxes[row]
         state.last_pts_s = item.pts_s
@@ -402,7 +441,9 @@ class Tracker(StageBase[FramePacket]):
         return {
             "motion_ms_per_frame": round(1000.0 * self._motion_s / frames, 2) if frames else 0.0,
             "motion_frames": frames,
-            "motion_failures": sum(s.motion.failures for s in list(self._streams.values()) if s.motion),
+            "motion_failures": sum(
+                s.motion.failures for s in list(self._streams.values()) if s.motion
+            ),
         }
 
     def flush(self) -> Iterable[FramePacket]:
@@ -416,16 +457,27 @@ class Tracker(StageBase[FramePacket]):
         self._streams.clear()
 
     def _end(
-        self, stream_id: str, state: _StreamState, track_id: int,
+        self,
+        stream_id: str,
+        state: _StreamState,
+        track_id: int,
         reason: Literal["lost", "stream_ended"],
     ) -> None:
         seen = state.live.pop(track_id)
-        self._publish(track_ended_event(
-            stream=stream_id, frame=state.last_index if state.last_index is not None else seen.frame,
-            pts_s=state.last_pts_s, track_id=track_id, class_id=seen.class_id, reason=reason,
-            last_seen_frame=seen.frame, last_seen_pts_s=seen.pts_s, box_xyxy=seen.box_xyxy,
-            class_names=self.class_names,
-        ))
+        self._publish(
+            track_ended_event(
+                stream=stream_id,
+                frame=state.last_index if state.last_index is not None else seen.frame,
+                pts_s=state.last_pts_s,
+                track_id=track_id,
+                class_id=seen.class_id,
+                reason=reason,
+                last_seen_frame=seen.frame,
+                last_seen_pts_s=seen.pts_s,
+                box_xyxy=seen.box_xyxy,
+                class_names=self.class_names,
+            )
+        )
 
 
 def cross_class_duplicates(dets: Detections, iou_threshold: float) -> np.ndarray:
@@ -448,7 +500,8 @@ def cross_class_duplicates(dets: Detections, iou_threshold: float) -> np.ndarray
     scores = dets.scores
     # Ties go to the lower row index, so exactly one of two equal-score duplicates stays.
     beaten = (scores[None, :] > scores[:, None]) | (
-        (scores[None, :] == scores[:, None]) & (np.arange(n)[None, :] < np.arange(n)[:, None]))
+        (scores[None, :] == scores[:, None]) & (np.arange(n)[None, :] < np.arange(n)[:, None])
+    )
     duplicate: np.ndarray = (other_class & beaten & (iou >= iou_threshold)).any(axis=1)
     return duplicate
 
@@ -470,4 +523,3 @@ def _to_norfair(dets: Detections, config: TrackConfig) -> list[norfair.Detection
         for i in range(len(dets))
         if not duplicate[i]
     ]
-

@@ -22,5 +22,7 @@ def media_dir() -> Path:
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     if not FIXTURES.is_dir():
-        pytest.skip(f"model fixtures not found at {FIXTURES} (the shared/ folder beside the repository)")
+        pytest.skip(
+            f"model fixtures not found at {FIXTURES} (the shared/ folder beside the repository)"
+        )
     return FIXTURES

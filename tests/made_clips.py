@@ -44,7 +44,9 @@ def write_clip(
         stream.pix_fmt = pix_fmt
         stream.time_base = time_base
         stream.codec_context.time_base = time_base
-        stream.options = {"preset": "ultrafast", **(options or {})} if codec == "libx264" else (options or {})
+        stream.options = (
+            {"preset": "ultrafast", **(options or {})} if codec == "libx264" else (options or {})
+        )
         for i, stamp in enumerate(pts):
             frame = av.VideoFrame.from_ndarray(picture(i), format="rgb24")
             frame.pts = stamp
@@ -64,13 +66,17 @@ def vfr_with_a_pause(path: Path) -> Path:
 
 def b_frames(path: Path) -> Path:
     """MP4 with B-frames (decode order differs from display order), 14 frames."""
-    return write_clip(path.with_suffix(".mp4"), list(range(14)), Fraction(1, 25), options={"bf": "3"})
+    return write_clip(
+        path.with_suffix(".mp4"), list(range(14)), Fraction(1, 25), options={"bf": "3"}
+    )
 
 
 def live_mkv_without_duration(path: Path) -> Path:
     """Matroska written as a live stream: no duration, no index, no frame count."""
     return write_clip(
-        path.with_suffix(".mkv"), [40 * i for i in range(10)], Fraction(1, 1000),
+        path.with_suffix(".mkv"),
+        [40 * i for i in range(10)],
+        Fraction(1, 1000),
         container_options={"live": "1"},
     )
 
@@ -79,8 +85,11 @@ def mpegts_late_start(path: Path) -> Path:
     """MPEG-TS whose clock starts 10 hours in, at an odd 1/90000 spacing (29.97 fps)."""
     start = 10 * 3600 * 90000
     return write_clip(
-        path.with_suffix(".ts"), [start + 3003 * i for i in range(11)], Fraction(1, 90000),
-        fmt="mpegts", rate=30,
+        path.with_suffix(".ts"),
+        [start + 3003 * i for i in range(11)],
+        Fraction(1, 90000),
+        fmt="mpegts",
+        rate=30,
     )
 
 
@@ -92,7 +101,10 @@ def raw_h264(path: Path) -> Path:
 def avi_mjpeg_irregular(path: Path) -> Path:
     """AVI (MJPEG) with gaps in its frame clock: the index counts frames, the stamps jump."""
     return write_clip(
-        path.with_suffix(".avi"), [0, 1, 2, 5, 6, 9, 10, 11], Fraction(1, 25), codec="mjpeg",
+        path.with_suffix(".avi"),
+        [0, 1, 2, 5, 6, 9, 10, 11],
+        Fraction(1, 25),
+        codec="mjpeg",
         pix_fmt="yuvj420p",
     )
 

@@ -38,18 +38,26 @@ class Run:
 
     def __init__(self, **config: Any) -> None:
         self.events: list[dict[str, Any]] = []
-        self.stage = AnalyticsStage([StreamAnalyticsConfig(**config)], CLASS_NAMES, self.events.append)
+        self.stage = AnalyticsStage(
+            [StreamAnalyticsConfig(**config)], CLASS_NAMES, self.events.append
+        )
         self.index = 0
 
-    def frame(self, objects: list[tuple[int, list[float], int]], pts_s: float | None = None) -> AnalyticsOverlay:
+    def frame(
+        self, objects: list[tuple[int, list[float], int]], pts_s: float | None = None
+    ) -> AnalyticsOverlay:
         """One frame of (track id, box xyxy, class id); pts defaults to index / 25. Returns the
         overlay the stage put on the packet."""
         boxes = np.array([b for _, b, _ in objects], dtype=np.float32).reshape(-1, 4)
         packet = FramePacket(
-            stream_id="0", index=self.index, pts_s=self.index / 25 if pts_s is None else pts_s,
-            image_rgb_u8=IMAGE, arrival_s=0.0,
+            stream_id="0",
+            index=self.index,
+            pts_s=self.index / 25 if pts_s is None else pts_s,
+            image_rgb_u8=IMAGE,
+            arrival_s=0.0,
             detections=Detections(
-                boxes_xyxy=boxes, scores=np.full(len(objects), 0.9, np.float32),
+                boxes_xyxy=boxes,
+                scores=np.full(len(objects), 0.9, np.float32),
                 class_ids=np.array([c for _, _, c in objects], dtype=np.int64),
                 track_ids=np.array([t for t, _, _ in objects], dtype=np.int64),
             ),
@@ -61,8 +69,15 @@ class Run:
 
     def end_track(self, track_id: int, pts_s: float) -> None:
         """What the runner delivers when the tracker drops a track."""
-        self.stage.on_event({"type": "track_ended", "stream": "0", "track_id": track_id,
-                             "frame": self.index, "pts_s": pts_s})
+        self.stage.on_event(
+            {
+                "type": "track_ended",
+                "stream": "0",
+                "track_id": track_id,
+                "frame": self.index,
+                "pts_s": pts_s,
+            }
+        )
 
     def of(self, kind: str) -> list[dict[str, Any]]:
         return [e for e in self.events if e["type"] == kind]
@@ -94,7 +109,12 @@ def test_an_object_moving_80_px_per_frame_across_a_line_is_counted() -> None:
     crossed = run.of("line_crossed")
     assert len(crossed) == 1
     event = crossed[0]
-    assert (event["line"], event["direction"], event["track_id"], event["label"]) == ("road", "in", 1, "car")
+    assert (event["line"], event["direction"], event["track_id"], event["label"]) == (
+        "road",
+        "in",
+        1,
+        "car",
+    )
     assert event["frame"] == 3 and event["point_xy"] == pytest.approx([480.0, 300.0])
     assert (event["count_in"], event["count_out"]) == (1, 0)
 
@@ -117,9 +137,13 @@ def test_going_back_beyond_the_rearm_distance_counts_again() -> None:
 def test_opposite_directions_are_counted_apart_and_per_class() -> None:
     run = Run(**road_line())
     for t in range(10):
-        run.frame([(1, box_at(200, 200 + 20 * t), 2),   # down: in
-                   (2, box_at(600, 400 - 20 * t), 7),   # up: out
-                   (3, box_at(800, 400 - 25 * t), 2)])  # up: out
+        run.frame(
+            [
+                (1, box_at(200, 200 + 20 * t), 2),  # down: in
+                (2, box_at(600, 400 - 20 * t), 7),  # up: out
+                (3, box_at(800, 400 - 25 * t), 2),
+            ]
+        )  # up: out
     totals = run.stage._streams["0"].line_totals()[0]
     assert (totals["count_in"], totals["count_out"]) == (1, 2)
     assert totals["by_class"] == [
@@ -150,9 +174,13 @@ def test_a_line_5_px_from_the_frame_edge_counts_objects_leaving_the_picture() ->
 def test_only_confirmed_tracks_and_configured_classes_count() -> None:
     run = Run(**road_line(classes=(2,)))
     for y in (280, 320):
-        run.frame([(-1, box_at(100, y), 2),   # not (yet) a track
-                   (5, box_at(300, y), 0),    # a person: not counted on this line
-                   (6, box_at(500, y), 2)])
+        run.frame(
+            [
+                (-1, box_at(100, y), 2),  # not (yet) a track
+                (5, box_at(300, y), 0),  # a person: not counted on this line
+                (6, box_at(500, y), 2),
+            ]
+        )
     assert [e["track_id"] for e in run.of("line_crossed")] == [6]
 
 
@@ -173,7 +201,9 @@ def test_a_reused_track_row_starts_with_no_history() -> None:
 
 # --- zones -----------------------------------------------------------------------------------
 
-BAY = ZoneConfig(name="bay", polygon=((100.0, 100.0), (500.0, 100.0), (500.0, 400.0), (100.0, 400.0)))
+BAY = ZoneConfig(
+    name="bay", polygon=((100.0, 100.0), (500.0, 100.0), (500.0, 400.0), (100.0, 400.0))
+)
 
 
 def test_dwell_from_pts_at_a_variable_frame_rate_is_right_to_one_frame_interval() -> None:
@@ -190,7 +220,9 @@ def test_dwell_from_pts_at_a_variable_frame_rate_is_right_to_one_frame_interval(
     frame_interval = np.diff(pts).max()
     assert abs(exited[0]["dwell_s"] - true_dwell) <= frame_interval
     assert exited[0]["reason"] == "left" and exited[0]["occupancy"] == 0
-    assert entered[0]["occupancy"] == 1 and entered[0]["pts_s"] == pytest.approx(pts[inside][0], abs=1e-6)
+    assert entered[0]["occupancy"] == 1 and entered[0]["pts_s"] == pytest.approx(
+        pts[inside][0], abs=1e-6
+    )
 
 
 def test_a_track_that_vanishes_inside_a_zone_ends_its_dwell_when_the_tracker_drops_it() -> None:
@@ -238,8 +270,10 @@ def test_summary_totals_per_zone_and_class_at_the_end() -> None:
 
 
 def test_normalized_coordinates_follow_the_frame_size() -> None:
-    run = Run(coordinates=Coordinates.NORMALIZED,
-              lines=(LineConfig(name="mid", a=(0.0, 0.5), b=(1.0, 0.5)),))
+    run = Run(
+        coordinates=Coordinates.NORMALIZED,
+        lines=(LineConfig(name="mid", a=(0.0, 0.5), b=(1.0, 0.5)),),
+    )
     overlay = run.frame([(1, box_at(100, 260), 2)])
     assert overlay.lines[0].a_xy == (0.0, 270.0) and overlay.lines[0].b_xy == (960.0, 270.0)
     run.frame([(1, box_at(100, 280), 2)])
@@ -270,21 +304,42 @@ def test_speed_from_a_ground_plane_homography() -> None:
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"lines": [{"name": "x", "a": [5, 5], "b": [5, 5]}]}, "analytics[0].lines[0]: b: line 'x' has zero length"),
-        ({"zones": [{"name": "z", "polygon": [[0, 0], [10, 10], [10, 0], [0, 10]]}]},
-         "analytics[0].zones[0]: polygon: zone 'z' crosses itself"),
+        (
+            {"lines": [{"name": "x", "a": [5, 5], "b": [5, 5]}]},
+            "analytics[0].lines[0]: b: line 'x' has zero length",
+        ),
+        (
+            {"zones": [{"name": "z", "polygon": [[0, 0], [10, 10], [10, 0], [0, 10]]}]},
+            "analytics[0].zones[0]: polygon: zone 'z' crosses itself",
+        ),
         ({"zones": [{"name": "z", "polygon": [[0, 0], [10, 10]]}]}, "needs at least 3 corners"),
-        ({"coordinates": "normalized", "lines": [{"name": "x", "a": [0, 0.5], "b": [1.2, 0.5]}]},
-         "analytics[0]: lines[0].b: [1.2, 0.5] is outside [0, 1]"),
-        ({"lines": [{"name": "x", "a": [0, 1], "b": [1, 1]}], "zones": [
-            {"name": "x", "polygon": [[0, 0], [1, 0], [1, 1]]}]}, "zones[0].name: 'x' is already used"),
+        (
+            {"coordinates": "normalized", "lines": [{"name": "x", "a": [0, 0.5], "b": [1.2, 0.5]}]},
+            "analytics[0]: lines[0].b: [1.2, 0.5] is outside [0, 1]",
+        ),
+        (
+            {
+                "lines": [{"name": "x", "a": [0, 1], "b": [1, 1]}],
+                "zones": [{"name": "x", "polygon": [[0, 0], [1, 0], [1, 1]]}],
+            },
+            "zones[0].name: 'x' is already used",
+        ),
         ({"lines": [{"name": "x", "a": [0, 1, 2], "b": [1, 1]}]}, "a: a point is [x, y]"),
-        ({"speed": {"image_points": [[0, 0], [1, 1], [2, 2], [3, 3]],
-                    "world_points_m": [[0, 0], [1, 0], [1, 1], [0, 1]]}}, "general position"),
+        (
+            {
+                "speed": {
+                    "image_points": [[0, 0], [1, 1], [2, 2], [3, 3]],
+                    "world_points_m": [[0, 0], [1, 0], [1, 1], [0, 1]],
+                }
+            },
+            "general position",
+        ),
         ({"anchor": "feet"}, "analytics[0].anchor: expected one of"),
     ],
 )
-def test_bad_analytics_config_is_one_line_naming_the_key(data: dict[str, Any], message: str) -> None:
+def test_bad_analytics_config_is_one_line_naming_the_key(
+    data: dict[str, Any], message: str
+) -> None:
     from dataclasses import dataclass
 
     @dataclass(frozen=True)
@@ -347,7 +402,10 @@ def test_the_annotated_picture_shows_the_line_its_in_arrow_the_zone_and_the_coun
     def count(color: tuple[int, int, int], region: np.ndarray) -> int:
         return int((np.abs(region.astype(int) - color).sum(axis=2) < 30).sum())
 
-    below, above = count(LINE_RGB, picture[304:340, 440:520]), count(LINE_RGB, picture[260:296, 440:520])
+    below, above = (
+        count(LINE_RGB, picture[304:340, 440:520]),
+        count(LINE_RGB, picture[260:296, 440:520]),
+    )
     assert above > 0 and below > 2 * above
     assert has(ZONE_RGB, picture[99:102, 150:450])  # the zone's top edge
     # The counter panel: darkened top-left corner with white text.

@@ -40,13 +40,24 @@ def run(teacher: Path, media_dir: Path, tmp_path_factory: pytest.TempPathFactory
     out = tmp_path_factory.mktemp("analytics_e2e")
     config = {
         "sources": [{"file": {"path": str(media_dir / CLIP), "max_frames": FRAMES}}],
-        "model": {"model": str(teacher), "backend": "onnxruntime", "imgsz": 416,
-                  "score_threshold": 0.35, "classes": [2, 5, 7]},
-        "outputs": {"video": {"path": str(out / "out.mp4")}, "jsonl": {"path": str(out / "out.jsonl")}},
+        "model": {
+            "model": str(teacher),
+            "backend": "onnxruntime",
+            "imgsz": 416,
+            "score_threshold": 0.35,
+            "classes": [2, 5, 7],
+        },
+        "outputs": {
+            "video": {"path": str(out / "out.mp4")},
+            "jsonl": {"path": str(out / "out.jsonl")},
+        },
         "analytics": [{"stream_id": "0", "lines": [LINE], "zones": [ZONE]}],
     }
     (out / "run.yaml").write_text(yaml.safe_dump(config))
-    assert main(["run", str(out / "run.yaml"), "--no-progress", "--stats", str(out / "stats.json")]) == 0
+    assert (
+        main(["run", str(out / "run.yaml"), "--no-progress", "--stats", str(out / "stats.json")])
+        == 0
+    )
     return out
 
 

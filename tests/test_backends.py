@@ -23,7 +23,9 @@ from dfine.export import export_onnx
 from matching import match_detections
 
 CALIBRATED = "dfine_n_calibrated"
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)")
+needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (none here)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,10 @@ def torch_backend(fixtures_dir: Path) -> TorchBackend:
 
 
 def _check_against_reference(
-    out: tuple[np.ndarray, np.ndarray, np.ndarray], io: dict[str, torch.Tensor], box_px: float, score: float
+    out: tuple[np.ndarray, np.ndarray, np.ndarray],
+    io: dict[str, torch.Tensor],
+    box_px: float,
+    score: float,
 ) -> None:
     labels, boxes, scores = out
     assert labels.dtype == np.int64 and boxes.dtype == np.float32 and scores.dtype == np.float32
@@ -63,7 +68,9 @@ def _check_against_reference(
 # ---- ONNX Runtime ---------------------------------------------------------------------------
 
 
-def test_ort_runs_the_official_export(ort_backend: OnnxRuntimeBackend, io: dict[str, torch.Tensor]) -> None:
+def test_ort_runs_the_official_export(
+    ort_backend: OnnxRuntimeBackend, io: dict[str, torch.Tensor]
+) -> None:
     assert ort_backend.input_size_hw == (640, 640)
     assert ort_backend.device == torch.device("cpu")
     assert ort_backend.class_names == list(dfine.COCO_CLASSES)  # 80 classes read off the graph
@@ -71,7 +78,9 @@ def test_ort_runs_the_official_export(ort_backend: OnnxRuntimeBackend, io: dict[
     _check_against_reference(out, io, box_px=0.01, score=1e-5)
 
 
-def test_ort_outputs_belong_to_the_caller(ort_backend: OnnxRuntimeBackend, io: dict[str, torch.Tensor]) -> None:
+def test_ort_outputs_belong_to_the_caller(
+    ort_backend: OnnxRuntimeBackend, io: dict[str, torch.Tensor]
+) -> None:
     labels, boxes, scores = ort_backend(io["images"], io["orig_target_sizes"])
     kept = boxes.copy(), scores.copy()
     ort_backend(torch.zeros_like(io["images"]), torch.tensor([[100, 50]]))
@@ -95,7 +104,9 @@ def test_ort_reads_class_names_from_our_metadata(tmp_path: Path, fixtures_dir: P
     model = dfine.build_model("n")
     dfine.load_checkpoint(model, fixtures_dir / CALIBRATED / "dfine_n_calibrated.pth")
     names = [f"kind_{i}" for i in range(80)]
-    path = export_onnx(model, dfine.PostProcessor(), tmp_path / "n320.onnx", imgsz=320, class_names=names)
+    path = export_onnx(
+        model, dfine.PostProcessor(), tmp_path / "n320.onnx", imgsz=320, class_names=names
+    )
     backend = OnnxRuntimeBackend(path)
     assert backend.input_size_hw == (320, 320)
     assert backend.class_names == names
@@ -109,11 +120,15 @@ def test_class_count_of_the_official_export_is_read_from_its_graph(official_onnx
     from dfine.model_info import ModelKind, read_model_info
 
     info = read_model_info(official_onnx)  # no metadata: the count comes from the graph
-    assert info.kind is ModelKind.ONNX and info.num_classes == 80 and info.input_size_hw == (640, 640)
+    assert (
+        info.kind is ModelKind.ONNX and info.num_classes == 80 and info.input_size_hw == (640, 640)
+    )
 
 
 def test_ort_refuses_wrong_inputs(ort_backend: OnnxRuntimeBackend) -> None:
-    with pytest.raises(ValueError, match=r"images must have shape \(B, 3, 640, 640\), got \(1, 3, 320, 320\)"):
+    with pytest.raises(
+        ValueError, match=r"images must have shape \(B, 3, 640, 640\), got \(1, 3, 320, 320\)"
+    ):
         ort_backend(torch.rand(1, 3, 320, 320), torch.tensor([[320, 320]]))
     with pytest.raises(ValueError, match=r"orig_sizes_wh must have shape \(1, 2\)"):
         ort_backend(torch.rand(1, 3, 640, 640), torch.tensor([640, 480]))
@@ -122,7 +137,9 @@ def test_ort_refuses_wrong_inputs(ort_backend: OnnxRuntimeBackend) -> None:
 def test_ort_bad_files_give_one_line_errors(tmp_path: Path) -> None:
     garbage = tmp_path / "garbage.onnx"
     garbage.write_bytes(b"this is not a protobuf" * 10)
-    with pytest.raises(dfine.CheckpointError, match="garbage.onnx: ONNX Runtime cannot load it") as err:
+    with pytest.raises(
+        dfine.CheckpointError, match="garbage.onnx: ONNX Runtime cannot load it"
+    ) as err:
         OnnxRuntimeBackend(garbage)
     assert "\n" not in str(err.value)
 
@@ -147,7 +164,9 @@ def test_ort_refuses_unavailable_provider(official_onnx: Path) -> None:
 # ---- torch ----------------------------------------------------------------------------------
 
 
-def test_torch_backend_matches_reference(torch_backend: TorchBackend, io: dict[str, torch.Tensor]) -> None:
+def test_torch_backend_matches_reference(
+    torch_backend: TorchBackend, io: dict[str, torch.Tensor]
+) -> None:
     assert torch_backend.input_size_hw == (640, 640)
     assert torch_backend.device == torch.device("cpu")
     assert torch_backend.class_names[0] == "person" and len(torch_backend.class_names) == 80
@@ -155,7 +174,9 @@ def test_torch_backend_matches_reference(torch_backend: TorchBackend, io: dict[s
     _check_against_reference(out, io, box_px=0.01, score=1e-5)
 
 
-def test_torch_outputs_belong_to_the_caller(torch_backend: TorchBackend, io: dict[str, torch.Tensor]) -> None:
+def test_torch_outputs_belong_to_the_caller(
+    torch_backend: TorchBackend, io: dict[str, torch.Tensor]
+) -> None:
     _, boxes, _ = torch_backend(io["images"], io["orig_target_sizes"])
     kept = boxes.copy()
     torch_backend(torch.zeros_like(io["images"]), torch.tensor([[10, 10]]))
@@ -197,10 +218,17 @@ def test_torch_from_checkpoint_wrong_size(fixtures_dir: Path) -> None:
 
 
 @needs_cuda
-@pytest.mark.parametrize(("fp16", "cuda_graphs"), [(False, False), (True, False), (False, True), (True, True)])
-def test_torch_cuda(fixtures_dir: Path, io: dict[str, torch.Tensor], fp16: bool, cuda_graphs: bool) -> None:
+@pytest.mark.parametrize(
+    ("fp16", "cuda_graphs"), [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_torch_cuda(
+    fixtures_dir: Path, io: dict[str, torch.Tensor], fp16: bool, cuda_graphs: bool
+) -> None:
     backend = TorchBackend.from_checkpoint(
-        fixtures_dir / CALIBRATED / "dfine_n_calibrated.pth", "n", device="cuda", fp16=fp16,
+        fixtures_dir / CALIBRATED / "dfine_n_calibrated.pth",
+        "n",
+        device="cuda",
+        fp16=fp16,
         cuda_graphs=cuda_graphs,
     )
     for _ in range(2):  # the second call replays the captured graph

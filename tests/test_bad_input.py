@@ -51,8 +51,12 @@ def _audio_only(path: Path) -> Path:
 
 
 def _header_only(tmp: Path) -> Path:
-    data = write_clip(tmp / "whole.mp4", list(range(30)), Fraction(1, 25),
-                      container_options={"movflags": "+faststart"}).read_bytes()
+    data = write_clip(
+        tmp / "whole.mp4",
+        list(range(30)),
+        Fraction(1, 25),
+        container_options={"movflags": "+faststart"},
+    ).read_bytes()
     cut = tmp / "cut.mp4"
     cut.write_bytes(data[: data.find(b"mdat") + 40])  # the index and no picture data
     return cut
@@ -93,40 +97,71 @@ CASES: dict[str, tuple[Case, str]] = {
     "directory as source": (lambda t, a: _set(a, "--source", str(t)), "not a file"),
     "empty file": (lambda t, a: _set(a, "--source", str(_touch(t / "empty.mp4"))), "empty"),
     "text file named .mp4": (
-        lambda t, a: _set(a, "--source", str(_text(t / "notes.mp4", "these are not frames\n" * 50))),
+        lambda t, a: _set(
+            a, "--source", str(_text(t / "notes.mp4", "these are not frames\n" * 50))
+        ),
         "cannot open",
     ),
-    "audio-only file": (lambda t, a: _set(a, "--source", str(_audio_only(t / "tone.wav"))), "no video stream"),
-    "video cut before its first frame": (lambda t, a: _set(a, "--source", str(_header_only(t))), "no frame"),
-    "bad URL scheme": (lambda t, a: _set(a, "--source", "ftp://camera.local/live"), "unknown url scheme"),
+    "audio-only file": (
+        lambda t, a: _set(a, "--source", str(_audio_only(t / "tone.wav"))),
+        "no video stream",
+    ),
+    "video cut before its first frame": (
+        lambda t, a: _set(a, "--source", str(_header_only(t))),
+        "no frame",
+    ),
+    "bad URL scheme": (
+        lambda t, a: _set(a, "--source", "ftp://camera.local/live"),
+        "unknown url scheme",
+    ),
     "checkpoint of another size": (lambda t, a: _set(a, "--size", "s"), "D-FINE-N"),
     "checkpoint of another class count": (
-        lambda t, a: [_config(t, {"model": {"num_classes": 6}}), *a], "has 80 classes"
+        lambda t, a: [_config(t, {"model": {"num_classes": 6}}), *a],
+        "has 80 classes",
     ),
-    "text file named .pth": (lambda t, a: _set(a, "--model", str(_text(t / "weights.pth", "no"))), "checkpoint"),
+    "text file named .pth": (
+        lambda t, a: _set(a, "--model", str(_text(t / "weights.pth", "no"))),
+        "checkpoint",
+    ),
     "truncated checkpoint": (
-        lambda t, a: _set(a, "--model", str(_cut(CHECKPOINT, t / "half.pth", 0.5))), "checkpoint"
+        lambda t, a: _set(a, "--model", str(_cut(CHECKPOINT, t / "half.pth", 0.5))),
+        "checkpoint",
     ),
     "truncated .onnx": (
-        lambda t, a: _set(a, "--model", str(_cut(OFFICIAL_ONNX, t / "half.onnx", 0.5))), "onnx"
+        lambda t, a: _set(a, "--model", str(_cut(OFFICIAL_ONNX, t / "half.onnx", 0.5))),
+        "onnx",
     ),
-    "text file named .onnx": (lambda t, a: _set(a, "--model", str(_text(t / "m.onnx", "not a graph"))), "onnx"),
-    "unknown model suffix": (lambda t, a: _set(a, "--model", str(_text(t / "model.bin", "x"))), "unknown file type"),
+    "text file named .onnx": (
+        lambda t, a: _set(a, "--model", str(_text(t / "m.onnx", "not a graph"))),
+        "onnx",
+    ),
+    "unknown model suffix": (
+        lambda t, a: _set(a, "--model", str(_text(t / "model.bin", "x"))),
+        "unknown file type",
+    ),
     "missing model file": (lambda t, a: _set(a, "--model", str(t / "gone.pth")), "not found"),
-    "bad YAML key": (lambda t, a: [_config(t, {"model": {"treshold": 0.3}}), *a], "model.treshold: unknown key"),
+    "bad YAML key": (
+        lambda t, a: [_config(t, {"model": {"treshold": 0.3}}), *a],
+        "model.treshold: unknown key",
+    ),
     "not YAML": (lambda t, a: [_config(t, "model: [unclosed\n"), *a], "not valid yaml"),
     "missing config": (lambda t, a: [t / "absent.yaml", *a], "config file not found"),
     "negative threshold": (lambda t, a: _set(a, "--threshold", "-0.2"), "score_threshold"),
     "imgsz not a multiple of 32": (lambda t, a: _set(a, "--imgsz", "300"), "multiple of 32"),
     "imgsz against a fixed ONNX": (
-        lambda t, a: _set(_set(a, "--model", str(TEACHER)), "--imgsz", "320"), "takes 416x416"
+        lambda t, a: _set(_set(a, "--model", str(TEACHER)), "--imgsz", "320"),
+        "takes 416x416",
     ),
-    "class the model lacks": (lambda t, a: [_config(t, {"model": {"classes": [85]}}), *a], "classes"),
+    "class the model lacks": (
+        lambda t, a: [_config(t, {"model": {"classes": [85]}}), *a],
+        "classes",
+    ),
     "tensorrt for a checkpoint": (lambda t, a: _set(a, "--backend", "tensorrt"), "engine"),
 }
 if not _tensorrt_here():
     CASES["engine without TensorRT"] = (
-        lambda t, a: _set(a, "--model", str(_text(t / "m.engine", "not an engine"))), "TensorRT is not installed"
+        lambda t, a: _set(a, "--model", str(_text(t / "m.engine", "not an engine"))),
+        "TensorRT is not installed",
     )
 
 
@@ -174,8 +209,20 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, ob
     for case in sorted(CASES):
         tmp = tmp_path_factory.mktemp("bad")
         change, _ = CASES[case]
-        base = ["run", "--no-progress", "--source", str(_clip(tmp)), "--model", str(CHECKPOINT),
-                "--size", "n", "--imgsz", "320", "--jsonl", str(tmp / "out" / "o.jsonl")]
+        base = [
+            "run",
+            "--no-progress",
+            "--source",
+            str(_clip(tmp)),
+            "--model",
+            str(CHECKPOINT),
+            "--size",
+            "n",
+            "--imgsz",
+            "320",
+            "--jsonl",
+            str(tmp / "out" / "o.jsonl"),
+        ]
         args = [str(a) for a in change(tmp, base)]
         if args[0] != "run":  # a config path was put first: it goes after the command
             args = ["run", args[0], *[a for a in args[1:] if a != "run"]]
@@ -183,8 +230,15 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, ob
         dirs[case] = tmp
     home = tmp_path_factory.mktemp("home")  # an empty ~/.cache: any export would show there
     env = {**os.environ, "HOME": str(home)}
-    proc = subprocess.run([sys.executable, "-c", _DRIVER], input=json.dumps(runs), cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", _DRIVER],
+        input=json.dumps(runs),
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads(proc.stdout.strip().splitlines()[-1])
     assert not (home / ".cache").exists(), "a model was exported, so it was loaded"
@@ -192,7 +246,9 @@ def outcomes(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, ob
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_bad_input_is_refused_before_anything_starts(case: str, outcomes: dict[str, dict[str, object]]) -> None:
+def test_bad_input_is_refused_before_anything_starts(
+    case: str, outcomes: dict[str, dict[str, object]]
+) -> None:
     _, expected = CASES[case]
     result = outcomes[case]
     stderr = str(result["stderr"])
@@ -212,9 +268,23 @@ def test_the_whole_process_exits_2_with_one_line(tmp_path: Path, fixtures_dir: P
     """One case as a real process: exit status 2, one line, no traceback."""
     env = {**os.environ, "HOME": str(tmp_path)}
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "run", "--source", str(tmp_path / "nope.mp4"),
-         "--model", str(CHECKPOINT), "--jsonl", str(tmp_path / "o.jsonl")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "run",
+            "--source",
+            str(tmp_path / "nope.mp4"),
+            "--model",
+            str(CHECKPOINT),
+            "--jsonl",
+            str(tmp_path / "o.jsonl"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == EXIT_USAGE
     assert proc.stderr.strip().splitlines() == [

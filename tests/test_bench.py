@@ -31,7 +31,9 @@ OFFICIAL_ONNX = SHARED / "fixtures" / "dfine_n_calibrated" / "dfine_n_calibrated
 def _need(*paths: Path) -> None:
     for path in paths:
         if not path.is_file():
-            pytest.skip(f"shared material not found: {path} (the shared/ folder beside the repository)")
+            pytest.skip(
+                f"shared material not found: {path} (the shared/ folder beside the repository)"
+            )
 
 
 def test_least_squares_slope_recovers_a_line() -> None:
@@ -64,11 +66,28 @@ def test_loop_clip_repeats_every_frame_with_increasing_time(tmp_path: Path) -> N
 def bench_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
     _need(TRAFFIC, OFFICIAL_ONNX)
     out = tmp_path_factory.mktemp("bench")
-    code = bench_pipeline.main([
-        "--source", str(TRAFFIC), "--model", str(OFFICIAL_ONNX), "--size", "n",
-        "--backend", "onnxruntime", "--imgsz", "640", "--frames", "10", "--threads", "1,2",
-        "--work-dir", str(out), "--json", str(out / "result.json"),
-    ])
+    code = bench_pipeline.main(
+        [
+            "--source",
+            str(TRAFFIC),
+            "--model",
+            str(OFFICIAL_ONNX),
+            "--size",
+            "n",
+            "--backend",
+            "onnxruntime",
+            "--imgsz",
+            "640",
+            "--frames",
+            "10",
+            "--threads",
+            "1,2",
+            "--work-dir",
+            str(out),
+            "--json",
+            str(out / "result.json"),
+        ]
+    )
     assert code == 0
     result: dict = json.loads((out / "result.json").read_text())
     return result
@@ -76,8 +95,20 @@ def bench_result(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_pipeline_bench_reports_every_figure(bench_result: dict) -> None:
     r = bench_result
-    for key in ("command", "machine", "settings", "clip", "stages", "slowest_stage", "pipeline",
-                "sequential", "efficiency", "speedup", "sweep", "runs"):
+    for key in (
+        "command",
+        "machine",
+        "settings",
+        "clip",
+        "stages",
+        "slowest_stage",
+        "pipeline",
+        "sequential",
+        "efficiency",
+        "speedup",
+        "sweep",
+        "runs",
+    ):
         assert key in r, key
     assert r["command"].startswith("python -m bench.pipeline --source ")
     assert set(r["stages"]) == set(bench_pipeline.STAGES)
@@ -109,7 +140,10 @@ def test_pipeline_bench_profiles_the_threads(bench_result: dict) -> None:
     alone = bench_result["stages"]["inference"]
     assert 0.5 * alone["call_p50_ms"] <= alone["cpu_ms_per_frame"] <= 2.0 * alone["call_p95_ms"]
     assert 0 < p["cores_busy"] <= bench_result["machine"]["cores"] + 0.5
-    assert p["process_cpu_ms_per_frame"] >= sum(s["cpu_ms_per_frame"] for s in p["stages"].values()) * 0.9
+    assert (
+        p["process_cpu_ms_per_frame"]
+        >= sum(s["cpu_ms_per_frame"] for s in p["stages"].values()) * 0.9
+    )
 
 
 def test_pipeline_bench_ratios_come_from_the_figures(bench_result: dict) -> None:
@@ -131,7 +165,9 @@ def test_pipeline_bench_ratios_come_from_the_figures(bench_result: dict) -> None
             *(f for name, f in stage_fps.items() if name != "inference"),
         )
         assert row["efficiency"] == pytest.approx(row["pipeline_fps"] / slowest_fps, abs=1e-3)
-        assert row["speedup"] == pytest.approx(row["pipeline_fps"] / row["sequential_fps"], abs=1e-3)
+        assert row["speedup"] == pytest.approx(
+            row["pipeline_fps"] / row["sequential_fps"], abs=1e-3
+        )
 
 
 def test_pipeline_bench_loops_a_short_clip(tmp_path: Path) -> None:
@@ -157,10 +193,24 @@ def test_pipeline_bench_refuses_bad_arguments() -> None:
 def test_contention_bench_times_every_neighbour(tmp_path: Path) -> None:
     _need(NIGHT_1080P, OFFICIAL_ONNX)
     out = tmp_path / "contention.json"
-    code = bench_contention.main([
-        "--model", str(OFFICIAL_ONNX), "--size", "n", "--imgsz", "640", "--clip", str(NIGHT_1080P),
-        "--runs", "2", "--rounds", "1", "--json", str(out),
-    ])
+    code = bench_contention.main(
+        [
+            "--model",
+            str(OFFICIAL_ONNX),
+            "--size",
+            "n",
+            "--imgsz",
+            "640",
+            "--clip",
+            str(NIGHT_1080P),
+            "--runs",
+            "2",
+            "--rounds",
+            "1",
+            "--json",
+            str(out),
+        ]
+    )
     assert code == 0
     r = json.loads(out.read_text())
     assert [row["neighbour"] for row in r["rows"]] == list(bench_contention.NEIGHBOURS)
@@ -180,20 +230,36 @@ def _is_neighbour(pid: int) -> bool:
         return False
 
 
-def test_contention_bench_refuses_a_missing_clip(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_contention_bench_refuses_a_missing_clip(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert bench_contention.main(["--clip", str(tmp_path / "none.mp4")]) == 2
     assert "no clip at" in capsys.readouterr().err
 
 
 @pytest.mark.rtsp
-def test_soak_reports_slopes_on_a_short_live_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_soak_reports_slopes_on_a_short_live_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _need(TRAFFIC, OFFICIAL_ONNX)
     require_rtsp_server()
     out = tmp_path / "soak.json"
-    code = bench_soak.main([
-        "--serve", str(TRAFFIC), "--model", str(OFFICIAL_ONNX), "--minutes", "0.1",
-        "--interval-s", "2", "--warmup-s", "2", "--json", str(out),
-    ])
+    code = bench_soak.main(
+        [
+            "--serve",
+            str(TRAFFIC),
+            "--model",
+            str(OFFICIAL_ONNX),
+            "--minutes",
+            "0.1",
+            "--interval-s",
+            "2",
+            "--warmup-s",
+            "2",
+            "--json",
+            str(out),
+        ]
+    )
     # Exit 0 (both checks pass) or 3 (one fails): a 6-second run proves nothing about drift.
     assert code in (0, 3), capsys.readouterr().err
     r = json.loads(out.read_text())

@@ -48,11 +48,20 @@ def onnx_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("onnx_cache")
 
 
-def write_config(path: Path, source: Path, out: Path, backend: str, cache: Path, **model: object) -> Path:
+def write_config(
+    path: Path, source: Path, out: Path, backend: str, cache: Path, **model: object
+) -> Path:
     config = {
         "sources": [{"file": {"path": str(source)}}],
-        "model": {"model": str(CHECKPOINT), "size": "n", "backend": backend, "imgsz": 320,
-                  "score_threshold": 0.07, "onnx_cache_dir": str(cache), **model},
+        "model": {
+            "model": str(CHECKPOINT),
+            "size": "n",
+            "backend": backend,
+            "imgsz": 320,
+            "score_threshold": 0.07,
+            "onnx_cache_dir": str(cache),
+            **model,
+        },
         "track": {"initialization_delay": 1},
         "outputs": {
             "video": {"path": str(out / "out.mp4"), "annotation": {"trail_length": 10}},
@@ -84,8 +93,13 @@ def read_jsonl(path: Path) -> list[dict]:
 def run_subprocess(args: list[str], **kwargs: object) -> subprocess.Popen[str]:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env, text=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs,  # type: ignore[arg-type]
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        env=env,
+        text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        **kwargs,  # type: ignore[arg-type]
     )
 
 
@@ -95,8 +109,9 @@ def error_lines(stderr: str) -> list[str]:
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 @pytest.mark.parametrize("clip", sorted(CLIPS))
-def test_every_clip_end_to_end(clip: str, backend: str, tmp_path: Path, onnx_cache: Path,
-                               media_dir: Path) -> None:
+def test_every_clip_end_to_end(
+    clip: str, backend: str, tmp_path: Path, onnx_cache: Path, media_dir: Path
+) -> None:
     frames, width, height = CLIPS[clip]
     config = write_config(tmp_path / "run.yaml", media_dir / clip, tmp_path, backend, onnx_cache)
     stats = tmp_path / "stats.json"
@@ -139,8 +154,9 @@ def test_torch_and_onnxruntime_agree(tmp_path: Path, onnx_cache: Path, media_dir
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / backend
         out.mkdir()
-        config = write_config(out / "run.yaml", media_dir / "cars_320x240_mjpeg.avi", out,
-                              backend, onnx_cache)
+        config = write_config(
+            out / "run.yaml", media_dir / "cars_320x240_mjpeg.avi", out, backend, onnx_cache
+        )
         assert main(["run", str(config), "--no-progress"]) == EXIT_OK
         results[backend] = read_jsonl(out / "out.jsonl")
     for a, b in zip(results["torch"], results["onnxruntime"]):
@@ -153,8 +169,9 @@ def test_torch_and_onnxruntime_agree(tmp_path: Path, onnx_cache: Path, media_dir
             assert np.allclose(np.array(boxes_a), np.array(boxes_b), atol=0.1)
 
 
-def test_stage_failing_mid_run_exits_nonzero_naming_it_within_5_s(tmp_path: Path,
-                                                                  media_dir: Path) -> None:
+def test_stage_failing_mid_run_exits_nonzero_naming_it_within_5_s(
+    tmp_path: Path, media_dir: Path
+) -> None:
     """A real sink fails for a real reason mid-run: its file hits the process's file-size limit
     (RLIMIT_FSIZE; Python ignores SIGXFSZ, so the write fails with EFBIG, as on a full disk)."""
     import resource
@@ -166,9 +183,24 @@ def test_stage_failing_mid_run_exits_nonzero_naming_it_within_5_s(tmp_path: Path
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     proc = run_subprocess(
-        ["run", "--no-progress", "--source", str(media_dir / "traffic_highway_960x540.mp4"),
-         "--model", str(CHECKPOINT), "--size", "n", "--backend", "torch", "--imgsz", "320",
-         "--threshold", "0.07", "--jsonl", str(out)],
+        [
+            "run",
+            "--no-progress",
+            "--source",
+            str(media_dir / "traffic_highway_960x540.mp4"),
+            "--model",
+            str(CHECKPOINT),
+            "--size",
+            "n",
+            "--backend",
+            "torch",
+            "--imgsz",
+            "320",
+            "--threshold",
+            "0.07",
+            "--jsonl",
+            str(out),
+        ],
         preexec_fn=limit_file_size,
     )
     full_at = None
@@ -187,7 +219,9 @@ def test_stage_failing_mid_run_exits_nonzero_naming_it_within_5_s(tmp_path: Path
     assert full_at is not None and exited_at - full_at < 5.0
 
 
-def test_failure_leaves_no_thread_running(tmp_path: Path, onnx_cache: Path, media_dir: Path) -> None:
+def test_failure_leaves_no_thread_running(
+    tmp_path: Path, onnx_cache: Path, media_dir: Path
+) -> None:
     """In process: after a stage fails, join() raises naming it and every stage thread is gone."""
     import dataclasses
 
@@ -197,8 +231,15 @@ def test_failure_leaves_no_thread_running(tmp_path: Path, onnx_cache: Path, medi
 
     # torch: its model loads in about a second, well inside the runner's 5 s join timeout
     # (an ONNX export in setup() could not be interrupted that fast).
-    config = load_config(write_config(tmp_path / "run.yaml", media_dir / "traffic_highway_960x540.mp4",
-                                      tmp_path, "torch", onnx_cache))
+    config = load_config(
+        write_config(
+            tmp_path / "run.yaml",
+            media_dir / "traffic_highway_960x540.mp4",
+            tmp_path,
+            "torch",
+            onnx_cache,
+        )
+    )
     # The MP4 is to go into a folder that cannot be made (a file stands in its way), so the
     # video sink fails when it opens its output on the first frames.
     (tmp_path / "blocked").write_text("a file, not a folder")
@@ -219,10 +260,16 @@ def test_failure_leaves_no_thread_running(tmp_path: Path, onnx_cache: Path, medi
     assert not left, f"threads still running: {[t.name for t in left]}"
 
 
-def test_sigint_leaves_playable_video_matching_jsonl(tmp_path: Path, onnx_cache: Path,
-                                                     media_dir: Path) -> None:
-    config = write_config(tmp_path / "run.yaml", media_dir / "traffic_highway_960x540.mp4",
-                          tmp_path, "onnxruntime", onnx_cache)
+def test_sigint_leaves_playable_video_matching_jsonl(
+    tmp_path: Path, onnx_cache: Path, media_dir: Path
+) -> None:
+    config = write_config(
+        tmp_path / "run.yaml",
+        media_dir / "traffic_highway_960x540.mp4",
+        tmp_path,
+        "onnxruntime",
+        onnx_cache,
+    )
     # Warm the ONNX cache so the subprocess starts processing at once.
     proc = run_subprocess(["run", str(config), "--no-progress", "--realtime"])
     jsonl = tmp_path / "out.jsonl"
@@ -246,15 +293,31 @@ def test_sigint_leaves_playable_video_matching_jsonl(tmp_path: Path, onnx_cache:
 # Bad input (refused before anything starts, exit 2): tests/test_bad_input.py.
 
 
-def test_truncated_file_keeps_what_decodes_and_says_what_was_lost(tmp_path: Path,
-                                                                  media_dir: Path) -> None:
+def test_truncated_file_keeps_what_decodes_and_says_what_was_lost(
+    tmp_path: Path, media_dir: Path
+) -> None:
     data = (media_dir / "traffic_highway_960x540.mp4").read_bytes()
     truncated = tmp_path / "cut.mp4"
     truncated.write_bytes(data[: int(len(data) * 0.4)])
     out = tmp_path / "o.jsonl"
-    proc = run_subprocess(["run", "--no-progress", "--source", str(truncated), "--model",
-                           str(CHECKPOINT), "--size", "n", "--backend", "torch", "--imgsz", "320",
-                           "--jsonl", str(out)])
+    proc = run_subprocess(
+        [
+            "run",
+            "--no-progress",
+            "--source",
+            str(truncated),
+            "--model",
+            str(CHECKPOINT),
+            "--size",
+            "n",
+            "--backend",
+            "torch",
+            "--imgsz",
+            "320",
+            "--jsonl",
+            str(out),
+        ]
+    )
     _, stderr = proc.communicate(timeout=180)
     assert proc.returncode == EXIT_FAILED, stderr[-2000:]
     errors = error_lines(stderr)

@@ -67,9 +67,16 @@ def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
 
 def test_cli_overrides_replace_config_values() -> None:
     config = load_config(REPO / "configs" / "demo.yaml")
-    changed = apply_overrides(config, CliOverrides(
-        sources=("a.mp4", "rtsp://127.0.0.1:1/x"), backend="torch", imgsz=320, realtime=True,
-        jsonl=Path("x.jsonl")))
+    changed = apply_overrides(
+        config,
+        CliOverrides(
+            sources=("a.mp4", "rtsp://127.0.0.1:1/x"),
+            backend="torch",
+            imgsz=320,
+            realtime=True,
+            jsonl=Path("x.jsonl"),
+        ),
+    )
     assert [s.stream_id for s in changed.sources] == ["0", "1"]
     assert changed.sources[0].file is not None and changed.sources[0].file.realtime
     assert changed.sources[1].live is not None
@@ -98,11 +105,19 @@ def test_a_cli_flag_sets_one_key_and_keeps_the_rest_of_its_section() -> None:
     video = dataclasses.replace(config.outputs.video, crf=30, preset="medium")
     zmq_config = from_dict(ZmqSinkConfig, {"endpoint": "tcp://127.0.0.1:1", "sndhwm": 7})
     rtsp_config = from_dict(RtspPublishConfig, {"url": "rtsp://127.0.0.1:1/a", "bitrate_kbps": 900})
-    config = dataclasses.replace(config, outputs=dataclasses.replace(
-        config.outputs, video=video, zmq=zmq_config, rtsp=rtsp_config))
-    changed = apply_overrides(config, CliOverrides(
-        video=Path("x.mp4"), jsonl=Path("x.jsonl"), zmq="tcp://127.0.0.1:2",
-        publish="rtsp://127.0.0.1:2/b"))
+    config = dataclasses.replace(
+        config,
+        outputs=dataclasses.replace(config.outputs, video=video, zmq=zmq_config, rtsp=rtsp_config),
+    )
+    changed = apply_overrides(
+        config,
+        CliOverrides(
+            video=Path("x.mp4"),
+            jsonl=Path("x.jsonl"),
+            zmq="tcp://127.0.0.1:2",
+            publish="rtsp://127.0.0.1:2/b",
+        ),
+    )
     out = changed.outputs
     assert out.video == dataclasses.replace(video, path="x.mp4")  # trail, crf, preset kept
     assert out.jsonl == dataclasses.replace(config.outputs.jsonl, path="x.jsonl")

@@ -49,7 +49,9 @@ def test_every_clip_decodes_fully(name: str) -> None:
     assert [p.index for p in packets] == list(range(expected_frames))
     assert all(p.stream_id == "0" for p in packets)
     first = packets[0].image_rgb_u8
-    assert first.dtype == np.uint8 and first.shape == (height, width, 3) and first.flags.c_contiguous
+    assert (
+        first.dtype == np.uint8 and first.shape == (height, width, 3) and first.flags.c_contiguous
+    )
     pts = np.array([p.pts_s for p in packets])
     assert pts[0] == pytest.approx(0.0)
     assert np.all(np.diff(pts) > 0), "pts_s must be strictly increasing"
@@ -208,8 +210,11 @@ def test_realtime_paces_at_the_native_rate() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"path": ""}, "path"), ({"path": "a.mp4", "decode_threads": -1}, "decode_threads"),
-     ({"path": "a.mp4", "stream_id": ""}, "stream_id")],
+    [
+        ({"path": ""}, "path"),
+        ({"path": "a.mp4", "decode_threads": -1}, "decode_threads"),
+        ({"path": "a.mp4", "stream_id": ""}, "stream_id"),
+    ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):

@@ -13,7 +13,13 @@ from dfine.checkpoint import state_dict_signature
 CHECKPOINT = "dfine_n_calibrated/dfine_n_calibrated.pth"
 
 # The official models' counts, all decoder layers included (bench/params.py prints them).
-OFFICIAL_PARAMS = {"n": 3_782_693, "s": 10_321_877, "m": 19_590_064, "l": 31_244_152, "x": 62_621_560}
+OFFICIAL_PARAMS = {
+    "n": 3_782_693,
+    "s": 10_321_877,
+    "m": 19_590_064,
+    "l": 31_244_152,
+    "x": 62_621_560,
+}
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +67,9 @@ def test_unknown_size_is_refused_naming_the_valid_ones(size: str) -> None:
         dfine.build_model(size)
 
 
-def test_ema_is_preferred_and_model_only_files_load(official: dict, tmp_path: Path, fixtures_dir: Path) -> None:
+def test_ema_is_preferred_and_model_only_files_load(
+    official: dict, tmp_path: Path, fixtures_dir: Path
+) -> None:
     images = torch.rand(1, 3, 256, 256, generator=torch.Generator().manual_seed(0))
     model = dfine.build_model("n")
 
@@ -154,7 +162,9 @@ def test_checkpoint_with_another_class_count_is_refused(fixtures_dir: Path) -> N
     )
 
 
-def test_same_architecture_with_different_keys_gives_one_line(official: dict, tmp_path: Path) -> None:
+def test_same_architecture_with_different_keys_gives_one_line(
+    official: dict, tmp_path: Path
+) -> None:
     state = dict(official["ema"]["module"])
     del state["decoder.query_pos_head.layers.0.weight"]
     state["decoder.extra.weight"] = torch.zeros(1)

@@ -64,7 +64,9 @@ def matched_set_errors(
     """
     ref_l, ref_b, ref_s = (t.numpy() for t in ref)
     our_l, our_b, our_s = (t.numpy() for t in ours)
-    cost = np.abs(ref_b[:, None, :] - our_b[None, :, :]).sum(-1) + 1e6 * (ref_l[:, None] != our_l[None, :])
+    cost = np.abs(ref_b[:, None, :] - our_b[None, :, :]).sum(-1) + 1e6 * (
+        ref_l[:, None] != our_l[None, :]
+    )
     rows, cols = linear_sum_assignment(cost)
     assert len(rows) == len(ref_l) == len(our_l)
     return (
@@ -110,7 +112,14 @@ def test_raw_outputs_match_query_by_query(run: dict, calibrated: dict) -> None:
     assert float((boxes - calibrated["pred_boxes"][0]).abs().max()) <= 1e-4
     # Where the selection order agrees, the raw outputs agree position by position.
     same = ours_idx == ref_idx
-    assert float((run["outputs"]["pred_logits"][0, same] - calibrated["pred_logits"][0, same]).abs().max()) <= 1e-3
+    assert (
+        float(
+            (run["outputs"]["pred_logits"][0, same] - calibrated["pred_logits"][0, same])
+            .abs()
+            .max()
+        )
+        <= 1e-3
+    )
 
 
 def test_forward_equals_parts(n_model: DFINE, run: dict, calibrated: dict) -> None:
@@ -121,7 +130,9 @@ def test_forward_equals_parts(n_model: DFINE, run: dict, calibrated: dict) -> No
 
 
 def test_deploy_outputs_match_as_a_set(run: dict, calibrated: dict) -> None:
-    labels, boxes, scores = dfine.PostProcessor(80, 300)(run["outputs"], calibrated["orig_target_sizes"])
+    labels, boxes, scores = dfine.PostProcessor(80, 300)(
+        run["outputs"], calibrated["orig_target_sizes"]
+    )
     assert labels.shape == (1, 300) and labels.dtype == torch.int64
     assert boxes.shape == (1, 300, 4) and scores.shape == (1, 300)
     ref = (calibrated["labels"][0], calibrated["boxes"][0], calibrated["scores"][0])
@@ -132,7 +143,10 @@ def test_deploy_outputs_match_as_a_set(run: dict, calibrated: dict) -> None:
 
 
 def test_postprocessor_alone_reproduces_deploy_outputs(calibrated: dict) -> None:
-    outputs = {"pred_logits": calibrated["deploy_pred_logits"], "pred_boxes": calibrated["deploy_pred_boxes"]}
+    outputs = {
+        "pred_logits": calibrated["deploy_pred_logits"],
+        "pred_boxes": calibrated["deploy_pred_boxes"],
+    }
     labels, boxes, scores = dfine.PostProcessor()(outputs, calibrated["orig_target_sizes"])
     torch.testing.assert_close(scores, calibrated["scores"], rtol=0, atol=1e-7)
     # Exactly tied scores may come out in either order; elsewhere positions must agree.
@@ -151,7 +165,9 @@ def test_boxes_are_scaled_by_width_then_height_and_not_clipped() -> None:
         "pred_logits": torch.tensor([[[5.0, -5.0], [-6.0, 4.0]]]),
         "pred_boxes": torch.tensor([[[0.5, 0.5, 0.2, 0.4], [0.0, 1.0, 0.5, 0.5]]]),
     }
-    labels, boxes, scores = dfine.PostProcessor(num_classes=2, num_top_queries=3)(outputs, torch.tensor([[200, 100]]))
+    labels, boxes, scores = dfine.PostProcessor(num_classes=2, num_top_queries=3)(
+        outputs, torch.tensor([[200, 100]])
+    )
     assert labels.tolist() == [[0, 1, 1]]
     torch.testing.assert_close(boxes[0, 0], torch.tensor([80.0, 30.0, 120.0, 70.0]))
     torch.testing.assert_close(boxes[0, 1], torch.tensor([-50.0, 75.0, 50.0, 125.0]))
@@ -159,7 +175,9 @@ def test_boxes_are_scaled_by_width_then_height_and_not_clipped() -> None:
     assert bool((scores[0, :-1] >= scores[0, 1:]).all())
 
 
-def test_non_ema_weights_match_the_random_fixture(fixtures_dir: Path, tmp_path: Path, run: dict) -> None:
+def test_non_ema_weights_match_the_random_fixture(
+    fixtures_dir: Path, tmp_path: Path, run: dict
+) -> None:
     checkpoint = torch.load(fixtures_dir / CHECKPOINT, weights_only=True)
     model_only = tmp_path / "model_only.pth"
     torch.save({"model": checkpoint["model"]}, model_only)
@@ -178,23 +196,35 @@ def test_non_ema_weights_match_the_random_fixture(fixtures_dir: Path, tmp_path: 
 
 
 @pytest.mark.parametrize("height, width", [(320, 320), (480, 640)])
-def test_other_sizes_and_batches_match_single_images(n_model: DFINE, height: int, width: int) -> None:
-    images = torch.rand(3, 3, height, width, generator=torch.Generator().manual_seed(height + width))
+def test_other_sizes_and_batches_match_single_images(
+    n_model: DFINE, height: int, width: int
+) -> None:
+    images = torch.rand(
+        3, 3, height, width, generator=torch.Generator().manual_seed(height + width)
+    )
     with torch.no_grad():
         batch = n_model(images)
         singles = [n_model(images[i : i + 1]) for i in range(3)]
     assert batch["pred_logits"].shape == (3, 300, 80)
     assert batch["pred_boxes"].shape == (3, 300, 4)
     for i, single in enumerate(singles):
-        torch.testing.assert_close(single["pred_logits"][0], batch["pred_logits"][i], rtol=0, atol=1e-4)
-        torch.testing.assert_close(single["pred_boxes"][0], batch["pred_boxes"][i], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            single["pred_logits"][0], batch["pred_logits"][i], rtol=0, atol=1e-4
+        )
+        torch.testing.assert_close(
+            single["pred_boxes"][0], batch["pred_boxes"][i], rtol=0, atol=1e-5
+        )
 
 
 def test_anchors_follow_the_input_size(n_model: DFINE) -> None:
-    anchors, valid = n_model.decoder.anchors_for([(10, 10), (5, 5)], torch.device("cpu"), torch.float32)
+    anchors, valid = n_model.decoder.anchors_for(
+        [(10, 10), (5, 5)], torch.device("cpu"), torch.float32
+    )
     assert anchors.shape == (1, 125, 4) and valid.shape == (1, 125, 1)
     # At 640x640 the computed anchors equal the buffers saved in the official checkpoint.
-    anchors, valid = n_model.decoder.anchors_for([(40, 40), (20, 20)], torch.device("cpu"), torch.float32)
+    anchors, valid = n_model.decoder.anchors_for(
+        [(40, 40), (20, 20)], torch.device("cpu"), torch.float32
+    )
     assert torch.equal(valid, n_model.decoder.valid_mask)
     assert torch.equal(anchors, n_model.decoder.anchors)
 
@@ -204,7 +234,9 @@ def test_input_size_not_a_multiple_of_32_is_refused(n_model: DFINE) -> None:
         n_model(torch.zeros(1, 3, 320, 330))
 
 
-def test_deploy_drops_unused_layers_and_keeps_outputs(fixtures_dir: Path, calibrated: dict, run: dict) -> None:
+def test_deploy_drops_unused_layers_and_keeps_outputs(
+    fixtures_dir: Path, calibrated: dict, run: dict
+) -> None:
     model = dfine.build_model("n")
     dfine.load_checkpoint(model, fixtures_dir / CHECKPOINT)
     model.decoder.eval_idx = 1  # pretend eval_idx = -2 so that deploy has a layer to drop

@@ -31,7 +31,8 @@ def test_the_docs_and_the_schema_file_are_generated_from_the_typeddicts() -> Non
     doc = DOC_PATH.read_text()
     assert render_doc(doc) == doc, "docs/events.md is stale: run python -m stages.events_schema"
     assert json.loads(SCHEMA_PATH.read_text()) == json_schema(), (
-        "docs/events.schema.json is stale: run python -m stages.events_schema")
+        "docs/events.schema.json is stale: run python -m stages.events_schema"
+    )
     jsonschema.Draft202012Validator.check_schema(json_schema())
     for kind, cls in EVENT_TYPES.items():
         assert f"### {kind.value}\n" in doc
@@ -43,10 +44,18 @@ def test_the_docs_and_the_schema_file_are_generated_from_the_typeddicts() -> Non
 
 
 def test_the_schema_refuses_what_the_docs_do_not_promise() -> None:
-    packet = FramePacket(stream_id="s", index=0, pts_s=0.0, image_rgb_u8=np.zeros((4, 4, 3), np.uint8),
-                         arrival_s=time.monotonic(), detections=Detections(
-                             boxes_xyxy=np.array([[0, 0, 2, 2]], np.float32),
-                             scores=np.array([0.5], np.float32), class_ids=np.array([0], np.int64)))
+    packet = FramePacket(
+        stream_id="s",
+        index=0,
+        pts_s=0.0,
+        image_rgb_u8=np.zeros((4, 4, 3), np.uint8),
+        arrival_s=time.monotonic(),
+        detections=Detections(
+            boxes_xyxy=np.array([[0, 0, 2, 2]], np.float32),
+            scores=np.array([0.5], np.float32),
+            class_ids=np.array([0], np.int64),
+        ),
+    )
     good = frame_event(packet, ["person"])
     VALIDATOR.validate(good)
     for bad in (
@@ -63,7 +72,9 @@ def test_the_schema_refuses_what_the_docs_do_not_promise() -> None:
 CLIP = "traffic_highway_960x540.mp4"
 
 
-def _subscribe(endpoint: str, into: list[dict[str, Any]], stop: threading.Event) -> threading.Thread:
+def _subscribe(
+    endpoint: str, into: list[dict[str, Any]], stop: threading.Event
+) -> threading.Thread:
     def loop() -> None:
         context: zmq.Context[Any] = zmq.Context()
         sock = context.socket(zmq.SUB)
@@ -87,7 +98,8 @@ def _subscribe(endpoint: str, into: list[dict[str, Any]], stop: threading.Event)
 @pytest.mark.rtsp
 @pytest.mark.slow
 def test_every_message_of_a_real_run_with_a_camera_outage_fits_the_schema(
-    media_dir: Path, tmp_path: Path,
+    media_dir: Path,
+    tmp_path: Path,
 ) -> None:
     require_rtsp_server()
     teacher = REPO.parent / "shared" / "teachers" / "nanodet_coco_416.onnx"
@@ -100,28 +112,59 @@ def test_every_message_of_a_real_run_with_a_camera_outage_fits_the_schema(
     received: list[dict[str, Any]] = []
     stop = threading.Event()
     with RtspServer(media_dir / CLIP) as camera:
-        config = from_dict(AppConfig, {
-            "sources": [{"live": {"url": camera.url, "stream_id": "cam", "backoff_initial_s": 0.25,
-                                  "backoff_max_s": 1.0}}],
-            "model": {"model": str(teacher), "backend": "onnxruntime", "imgsz": 416,
-                      "score_threshold": 0.35, "classes": [2, 5, 7]},
-            "outputs": {"jsonl": {"path": str(tmp_path / "run.jsonl")}, "zmq": {"endpoint": endpoint}},
-            "analytics": [{
-                "stream_id": "cam", "coordinates": "normalized", "summary_every_s": 2.0,
-                "lines": [{"name": "carriageway", "a": [0.15, 0.55], "b": [0.9, 0.55]}],
-                "zones": [{"name": "near", "polygon": [[0.1, 0.6], [0.95, 0.6], [0.95, 0.98], [0.1, 0.98]],
-                           "loiter_s": 0.5}],
-            }],
-        })
+        config = from_dict(
+            AppConfig,
+            {
+                "sources": [
+                    {
+                        "live": {
+                            "url": camera.url,
+                            "stream_id": "cam",
+                            "backoff_initial_s": 0.25,
+                            "backoff_max_s": 1.0,
+                        }
+                    }
+                ],
+                "model": {
+                    "model": str(teacher),
+                    "backend": "onnxruntime",
+                    "imgsz": 416,
+                    "score_threshold": 0.35,
+                    "classes": [2, 5, 7],
+                },
+                "outputs": {
+                    "jsonl": {"path": str(tmp_path / "run.jsonl")},
+                    "zmq": {"endpoint": endpoint},
+                },
+                "analytics": [
+                    {
+                        "stream_id": "cam",
+                        "coordinates": "normalized",
+                        "summary_every_s": 2.0,
+                        "lines": [{"name": "carriageway", "a": [0.15, 0.55], "b": [0.9, 0.55]}],
+                        "zones": [
+                            {
+                                "name": "near",
+                                "polygon": [[0.1, 0.6], [0.95, 0.6], [0.95, 0.98], [0.1, 0.98]],
+                                "loiter_s": 0.5,
+                            }
+                        ],
+                    }
+                ],
+            },
+        )
         assembled = build_pipeline(config)
         listener = _subscribe(endpoint, received, stop)
         assembled.pipeline.start()
         try:
+
             def seen(kind: str) -> bool:
                 return any(m["type"] == kind for m in received)
 
             deadline = time.monotonic() + 60
-            while not (seen("line_crossed") and seen("zone_entered")) and time.monotonic() < deadline:
+            while (
+                not (seen("line_crossed") and seen("zone_entered")) and time.monotonic() < deadline
+            ):
                 time.sleep(0.2)
             camera.kill()
             deadline = time.monotonic() + 10
@@ -145,12 +188,23 @@ def test_every_message_of_a_real_run_with_a_camera_outage_fits_the_schema(
     for message in lines + received:
         VALIDATOR.validate(message)
     kinds = {m["type"] for m in lines}
-    assert {"frame", "track_started", "line_crossed", "zone_entered", "source_lost",
-            "source_restored", "analytics_summary"} <= kinds, kinds
+    assert {
+        "frame",
+        "track_started",
+        "line_crossed",
+        "zone_entered",
+        "source_lost",
+        "source_restored",
+        "analytics_summary",
+    } <= kinds, kinds
     # Each source event exactly once in the file, in order; ZeroMQ carries the same events.
-    assert [m["type"] for m in lines if m["type"].startswith("source_")] == ["source_lost", "source_restored"]
+    assert [m["type"] for m in lines if m["type"].startswith("source_")] == [
+        "source_lost",
+        "source_restored",
+    ]
     events = [m for m in lines if m["type"] != "frame"]
     zmq_events = [m for m in received if m["type"] != "frame"]
     assert [m for m in zmq_events if m["type"].startswith(("source_", "line_"))] == [
-        m for m in events if m["type"].startswith(("source_", "line_"))]
+        m for m in events if m["type"].startswith(("source_", "line_"))
+    ]
     assert [m for m in lines if m["type"] == "analytics_summary"][-1]["final"] is True

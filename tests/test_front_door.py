@@ -68,8 +68,20 @@ def test_complete_files_with_unusual_timing_exit_0_with_every_frame(
     make, frames = UNUSUAL_TIMING[name]
     clip = make(tmp_path / name)
     out = tmp_path / "out"
-    code = main(["run", "--no-progress", "--source", str(clip), "--model", str(teacher),
-                 "--output", str(out / "o.mp4"), "--jsonl", str(out / "o.jsonl")])
+    code = main(
+        [
+            "run",
+            "--no-progress",
+            "--source",
+            str(clip),
+            "--model",
+            str(teacher),
+            "--output",
+            str(out / "o.mp4"),
+            "--jsonl",
+            str(out / "o.jsonl"),
+        ]
+    )
     assert code == EXIT_OK
     lines = frame_lines(out / "o.jsonl")
     assert [line["frame"] for line in lines] == list(range(frames))
@@ -81,8 +93,18 @@ def test_complete_files_with_unusual_timing_exit_0_with_every_frame(
 def test_raw_h265_without_timestamps_exits_0_with_every_frame(
     tmp_path: Path, teacher: Path, media_dir: Path
 ) -> None:
-    code = main(["run", "--no-progress", "--source", str(media_dir / "cars_320x240.h265"),
-                 "--model", str(teacher), "--jsonl", str(tmp_path / "o.jsonl")])
+    code = main(
+        [
+            "run",
+            "--no-progress",
+            "--source",
+            str(media_dir / "cars_320x240.h265"),
+            "--model",
+            str(teacher),
+            "--jsonl",
+            str(tmp_path / "o.jsonl"),
+        ]
+    )
     assert code == EXIT_OK
     assert [line["frame"] for line in frame_lines(tmp_path / "o.jsonl")] == list(range(30))
 
@@ -91,17 +113,35 @@ def test_raw_h265_without_timestamps_exits_0_with_every_frame(
 def test_a_really_truncated_file_still_says_so(
     suffix: str, tmp_path: Path, teacher: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    whole = write_clip(tmp_path / f"whole{suffix}", list(range(40)), Fraction(1, 25),
-                       container_options={"movflags": "+faststart"} if suffix == ".mp4" else None)
+    whole = write_clip(
+        tmp_path / f"whole{suffix}",
+        list(range(40)),
+        Fraction(1, 25),
+        container_options={"movflags": "+faststart"} if suffix == ".mp4" else None,
+    )
     data = whole.read_bytes()
     cut = tmp_path / f"cut{suffix}"
     cut.write_bytes(data[: int(len(data) * 0.6)])
-    code = main(["run", "--no-progress", "--source", str(cut), "--model", str(teacher),
-                 "--jsonl", str(tmp_path / "o.jsonl")])
+    code = main(
+        [
+            "run",
+            "--no-progress",
+            "--source",
+            str(cut),
+            "--model",
+            str(teacher),
+            "--jsonl",
+            str(tmp_path / "o.jsonl"),
+        ]
+    )
     assert code == EXIT_FAILED
     decoded = len(frame_lines(tmp_path / "o.jsonl"))
     assert 0 < decoded < 40
-    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("finestream: error:")]
+    error = [
+        line
+        for line in capsys.readouterr().err.splitlines()
+        if line.startswith("finestream: error:")
+    ]
     assert len(error) == 1 and "truncated" in error[0] and f"decoded {decoded}" in error[0]
 
 
@@ -121,9 +161,22 @@ def test_zmq_and_restream_counters_reach_the_stats(tmp_path: Path, teacher: Path
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]  # bound then closed: nothing listens there
     stats = tmp_path / "stats.json"
-    code = main(["run", "--no-progress", "--source", str(clip), "--model", str(teacher),
-                 "--zmq", f"tcp://127.0.0.1:{port}", "--publish", f"rtsp://127.0.0.1:{closed}/x",
-                 "--stats", str(stats)])
+    code = main(
+        [
+            "run",
+            "--no-progress",
+            "--source",
+            str(clip),
+            "--model",
+            str(teacher),
+            "--zmq",
+            f"tcp://127.0.0.1:{port}",
+            "--publish",
+            f"rtsp://127.0.0.1:{closed}/x",
+            "--stats",
+            str(stats),
+        ]
+    )
     assert code == EXIT_OK
     counters = json.loads(stats.read_text())["counters"]
     zmq = next(v for k, v in counters.items() if k.startswith("zmq"))
@@ -137,8 +190,14 @@ def test_zmq_and_restream_counters_reach_the_stats(tmp_path: Path, teacher: Path
 
 def _run_process(args: list[str], home: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "HOME": str(home), "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.cli", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def _matched(a: list[dict], b: list[dict], threshold: float) -> None:
@@ -150,8 +209,16 @@ def _matched(a: list[dict], b: list[dict], threshold: float) -> None:
         if not ours:
             continue
         assert theirs, f"{len(ours)} detections on one side only"
-        cost = np.array([[max(abs(p - q) for p, q in zip(box(d), box(e)))
-                          + (0 if d["class_id"] == e["class_id"] else 1e6) for e in theirs] for d in ours])
+        cost = np.array(
+            [
+                [
+                    max(abs(p - q) for p, q in zip(box(d), box(e)))
+                    + (0 if d["class_id"] == e["class_id"] else 1e6)
+                    for e in theirs
+                ]
+                for d in ours
+            ]
+        )
         rows, cols = linear_sum_assignment(cost)
         assert len(rows) == len(ours)
         assert cost[rows, cols].max() <= 0.05, f"boxes differ by {cost[rows, cols].max():.3f} px"
@@ -165,8 +232,20 @@ def test_default_backend_on_a_cpu_is_onnxruntime_cached_and_matches_torch(
         pytest.skip("on a CUDA machine auto runs torch FP16")
     clip = media_dir / "cars_320x240_mjpeg.avi"
     threshold = 0.07
-    common = ["run", "--no-progress", "--source", str(clip), "--model", str(CHECKPOINT),
-              "--imgsz", "320", "--threshold", str(threshold), "--max-frames", "10"]
+    common = [
+        "run",
+        "--no-progress",
+        "--source",
+        str(clip),
+        "--model",
+        str(CHECKPOINT),
+        "--imgsz",
+        "320",
+        "--threshold",
+        str(threshold),
+        "--max-frames",
+        "10",
+    ]
     runs = {}
     for name, extra in (("auto", []), ("again", []), ("torch", ["--backend", "torch"])):
         out = tmp_path / f"{name}.jsonl"
@@ -193,8 +272,19 @@ def test_default_backend_on_a_cpu_is_onnxruntime_cached_and_matches_torch(
 
 def test_teacher_runs_without_imgsz_and_says_its_input_size(tmp_path: Path, teacher: Path) -> None:
     clip = write_clip(tmp_path / "c.mp4", list(range(3)), Fraction(1, 25))
-    proc = _run_process(["run", "--no-progress", "--source", str(clip), "--model", str(teacher),
-                         "--jsonl", str(tmp_path / "o.jsonl")], tmp_path)
+    proc = _run_process(
+        [
+            "run",
+            "--no-progress",
+            "--source",
+            str(clip),
+            "--model",
+            str(teacher),
+            "--jsonl",
+            str(tmp_path / "o.jsonl"),
+        ],
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     first = proc.stderr.splitlines()[0]
     assert first.startswith("finestream: backend onnxruntime") and "input 416x416" in first
@@ -230,7 +320,9 @@ def _backends() -> list[str]:
     return found
 
 
-def test_every_backend_labels_with_the_models_class_names(tmp_path: Path, six_class_checkpoint: Path) -> None:
+def test_every_backend_labels_with_the_models_class_names(
+    tmp_path: Path, six_class_checkpoint: Path
+) -> None:
     """The same 6-class model through every backend here: the backend's class names, every
     sink's labels and the JSON lines' labels are the checkpoint's names."""
     import dataclasses
@@ -247,21 +339,36 @@ def test_every_backend_labels_with_the_models_class_names(tmp_path: Path, six_cl
             from dfine.backends.tensorrt_build import build_engine
             from dfine.export import export_from_checkpoint
 
-            onnx_path = export_from_checkpoint(six_class_checkpoint, None, None, tmp_path / "six.onnx", 256)
+            onnx_path = export_from_checkpoint(
+                six_class_checkpoint, None, None, tmp_path / "six.onnx", 256
+            )
             engine = build_engine(onnx_path, tmp_path / "six.engine", max_batch=1)
             model = engine
         out = tmp_path / backend
-        config = apply_overrides(AppConfig(), CliOverrides(
-            sources=(str(clip),), model=str(model), backend=backend, imgsz=None if engine else 256,
-            score_threshold=0.0, jsonl=out / "o.jsonl", video=out / "o.mp4", mot=out / "o.txt"))
+        config = apply_overrides(
+            AppConfig(),
+            CliOverrides(
+                sources=(str(clip),),
+                model=str(model),
+                backend=backend,
+                imgsz=None if engine else 256,
+                score_threshold=0.0,
+                jsonl=out / "o.jsonl",
+                video=out / "o.mp4",
+                mot=out / "o.txt",
+            ),
+        )
         config = dataclasses.replace(
-            config, model=dataclasses.replace(config.model, onnx_cache_dir=tmp_path / "cache"))
+            config, model=dataclasses.replace(config.model, onnx_cache_dir=tmp_path / "cache")
+        )
         assembled = build_pipeline(config)
         assert assembled.model.class_names == tuple(NAMES)
         assembled.pipeline.run()
         infer = next(s for s in assembled.stages if isinstance(s, InferenceStage))
         assert infer.backend.class_names == NAMES, backend
-        labelled = [s for s in assembled.stages if hasattr(s, "class_names") and hasattr(s, "write")]
+        labelled = [
+            s for s in assembled.stages if hasattr(s, "class_names") and hasattr(s, "write")
+        ]
         assert len(labelled) >= 2
         for sink in labelled:
             assert list(sink.class_names) == NAMES, (backend, sink.name)
@@ -270,13 +377,20 @@ def test_every_backend_labels_with_the_models_class_names(tmp_path: Path, six_cl
         assert all(d["label"] == NAMES[d["class_id"]] for d in detections)
 
 
-def test_export_writes_the_checkpoints_class_names(tmp_path: Path, six_class_checkpoint: Path) -> None:
+def test_export_writes_the_checkpoints_class_names(
+    tmp_path: Path, six_class_checkpoint: Path
+) -> None:
     from dfine.model_info import read_model_info
 
     out = tmp_path / "six.onnx"
-    assert main(["export", str(six_class_checkpoint), "--imgsz", "256", "--output", str(out)]) == EXIT_OK
+    assert (
+        main(["export", str(six_class_checkpoint), "--imgsz", "256", "--output", str(out)])
+        == EXIT_OK
+    )
     info = read_model_info(out)
-    assert info.class_names == tuple(NAMES) and info.input_size_hw == (256, 256) and info.size == "n"
+    assert (
+        info.class_names == tuple(NAMES) and info.input_size_hw == (256, 256) and info.size == "n"
+    )
 
 
 def test_live_source_outages_and_reconnects_reach_the_metrics(
@@ -301,7 +415,10 @@ def test_live_source_outages_and_reconnects_reach_the_metrics(
     url = f"http://127.0.0.1:{server.server_address[1]}/cars_320x240_mjpeg.avi"
     live = LiveSourceConfig(url=url, stream_id="cam", backoff_initial_s=0.1, backoff_max_s=0.2)
     config = dataclasses.replace(
-        AppConfig(), sources=(SourceConfig(live=live),), model=InferConfig(model=teacher), track=None
+        AppConfig(),
+        sources=(SourceConfig(live=live),),
+        model=InferConfig(model=teacher),
+        track=None,
     )
     assembled = build_pipeline(config)
     assembled.pipeline.start()

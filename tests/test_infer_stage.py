@@ -48,7 +48,9 @@ def frame_rgb(media_dir: Path) -> np.ndarray:
 
 def _packet(image: np.ndarray, size: int = 640) -> FramePacket:
     packet = FramePacket("0", 30, 1.0, image, time.monotonic())
-    packet.model_input = image_to_model_input(image, size, torch.device("cpu"), resize_in_uint8=True)
+    packet.model_input = image_to_model_input(
+        image, size, torch.device("cpu"), resize_in_uint8=True
+    )
     return packet
 
 
@@ -114,8 +116,12 @@ def test_ort_stage_on_a_real_frame(ort_backend: OnnxRuntimeBackend, frame_rgb: n
     assert len(only.detections) == int(np.isin(all_det.class_ids, wanted).sum())
 
 
-def test_torch_stage_on_a_real_frame(checkpoint: Path, frame_rgb: np.ndarray, ort_backend: OnnxRuntimeBackend) -> None:
-    config = InferConfig(model=checkpoint, backend=Backend.TORCH, device=Device.CPU, score_threshold=0.0)
+def test_torch_stage_on_a_real_frame(
+    checkpoint: Path, frame_rgb: np.ndarray, ort_backend: OnnxRuntimeBackend
+) -> None:
+    config = InferConfig(
+        model=checkpoint, backend=Backend.TORCH, device=Device.CPU, score_threshold=0.0
+    )
     stage = InferenceStage(config, lambda: make_backend(config))
     stage.setup()
     packet = stage.process(_packet(frame_rgb))
@@ -123,17 +129,23 @@ def test_torch_stage_on_a_real_frame(checkpoint: Path, frame_rgb: np.ndarray, or
     # The same weights through the official ONNX file give the same detections.
     reference = _stage(ort_backend, score_threshold=0.0).process(_packet(frame_rgb)).detections
     assert packet.detections is not None and reference is not None
-    np.testing.assert_allclose(np.sort(packet.detections.scores), np.sort(reference.scores), atol=1e-5)
+    np.testing.assert_allclose(
+        np.sort(packet.detections.scores), np.sort(reference.scores), atol=1e-5
+    )
     assert sorted(packet.detections.class_ids.tolist()) == sorted(reference.class_ids.tolist())
 
 
-def test_stage_moves_input_to_the_backend_device(ort_backend: OnnxRuntimeBackend, frame_rgb: np.ndarray) -> None:
+def test_stage_moves_input_to_the_backend_device(
+    ort_backend: OnnxRuntimeBackend, frame_rgb: np.ndarray
+) -> None:
     packet = _packet(frame_rgb)
     packet.model_input = packet.model_input.to(torch.float64).to("cpu")  # any tensor is accepted
     _check_well_formed(_stage(ort_backend, score_threshold=0.0).process(packet), 0.0)
 
 
-def test_stage_refuses_a_missing_input(ort_backend: OnnxRuntimeBackend, frame_rgb: np.ndarray) -> None:
+def test_stage_refuses_a_missing_input(
+    ort_backend: OnnxRuntimeBackend, frame_rgb: np.ndarray
+) -> None:
     packet = FramePacket("0", 0, 0.0, frame_rgb, time.monotonic())
     with pytest.raises(TypeError, match="model_input must be a torch tensor"):
         _stage(ort_backend).process(packet)
@@ -142,7 +154,9 @@ def test_stage_refuses_a_missing_input(ort_backend: OnnxRuntimeBackend, frame_rg
 def test_stage_refuses_a_size_mismatch(official_onnx: Path) -> None:
     config = InferConfig(model=official_onnx, imgsz=320)
     stage = InferenceStage(config, lambda: make_backend(config))
-    with pytest.raises(ValueError, match="takes 640x640 images but model.imgsz is 320; drop --imgsz"):
+    with pytest.raises(
+        ValueError, match="takes 640x640 images but model.imgsz is 320; drop --imgsz"
+    ):
         stage.setup()
 
 
@@ -164,9 +178,13 @@ def test_stage_needs_setup(ort_backend: OnnxRuntimeBackend, frame_rgb: np.ndarra
 def test_make_backend_picks_by_suffix(official_onnx: Path, checkpoint: Path) -> None:
     from dfine.backends.torch_backend import TorchBackend
 
-    assert isinstance(make_backend(InferConfig(model=official_onnx, device=Device.CPU)), OnnxRuntimeBackend)
-    assert isinstance(make_backend(InferConfig(model=checkpoint, backend=Backend.TORCH, device=Device.CPU)),
-                      TorchBackend)
+    assert isinstance(
+        make_backend(InferConfig(model=official_onnx, device=Device.CPU)), OnnxRuntimeBackend
+    )
+    assert isinstance(
+        make_backend(InferConfig(model=checkpoint, backend=Backend.TORCH, device=Device.CPU)),
+        TorchBackend,
+    )
 
 
 def test_untrained_model_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
@@ -174,7 +192,9 @@ def test_untrained_model_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
 
     state = torch.random.get_rng_state()
     with caplog.at_level(logging.WARNING, logger="stages.infer"):
-        backend = make_backend(InferConfig(model=None, backend=Backend.TORCH, device=Device.CPU, imgsz=320))
+        backend = make_backend(
+            InferConfig(model=None, backend=Backend.TORCH, device=Device.CPU, imgsz=320)
+        )
     assert isinstance(backend, TorchBackend)
     assert "UNTRAINED" in caplog.text and "github.com/Peterande" in caplog.text
     assert torch.equal(torch.random.get_rng_state(), state)  # the seeding did not leak
@@ -185,8 +205,13 @@ def test_untrained_model_warns_loudly(caplog: pytest.LogCaptureFixture) -> None:
 def test_checkpoint_for_onnxruntime_is_exported_once(
     checkpoint: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    config = InferConfig(model=checkpoint, backend=Backend.ONNXRUNTIME, device=Device.CPU, imgsz=320,
-                         onnx_cache_dir=tmp_path / "cache")
+    config = InferConfig(
+        model=checkpoint,
+        backend=Backend.ONNXRUNTIME,
+        device=Device.CPU,
+        imgsz=320,
+        onnx_cache_dir=tmp_path / "cache",
+    )
     first = make_backend(config)
     assert isinstance(first, OnnxRuntimeBackend) and first.input_size_hw == (320, 320)
     cached = list((tmp_path / "cache").glob("*.onnx"))
@@ -266,11 +291,18 @@ def test_config_normalises_plain_values() -> None:
 
 @pytest.mark.parametrize(
     ("model", "on_cpu", "on_cuda"),
-    [(None, Backend.ONNXRUNTIME, Backend.TORCH), ("a.pth", Backend.ONNXRUNTIME, Backend.TORCH),
-     ("a.PT", Backend.ONNXRUNTIME, Backend.TORCH), ("a.onnx", Backend.ONNXRUNTIME, Backend.ONNXRUNTIME),
-     ("a.engine", Backend.TENSORRT, Backend.TENSORRT), ("a.plan", Backend.TENSORRT, Backend.TENSORRT)],
+    [
+        (None, Backend.ONNXRUNTIME, Backend.TORCH),
+        ("a.pth", Backend.ONNXRUNTIME, Backend.TORCH),
+        ("a.PT", Backend.ONNXRUNTIME, Backend.TORCH),
+        ("a.onnx", Backend.ONNXRUNTIME, Backend.ONNXRUNTIME),
+        ("a.engine", Backend.TENSORRT, Backend.TENSORRT),
+        ("a.plan", Backend.TENSORRT, Backend.TENSORRT),
+    ],
 )
-def test_auto_backend_is_the_fastest_here(model: str | None, on_cpu: Backend, on_cuda: Backend) -> None:
+def test_auto_backend_is_the_fastest_here(
+    model: str | None, on_cpu: Backend, on_cuda: Backend
+) -> None:
     """auto: a checkpoint runs through ONNX Runtime on a CPU and in torch FP16 on CUDA."""
     config = InferConfig(model=model)  # type: ignore[arg-type]
     assert resolve_backend(config, cuda_available=False) is on_cpu
@@ -290,8 +322,11 @@ def test_cuda_without_a_gpu_is_an_error_everywhere() -> None:
     with pytest.raises(ValueError, match="no GPU"):
         resolve_device(Device.CUDA, cuda_available=False)
     with pytest.raises(ValueError, match="no GPU"):
-        choose_backend(InferConfig(model="a.pth", device=Device.CUDA), ModelKind.CHECKPOINT,  # type: ignore[arg-type]
-                       cuda_available=False)
+        choose_backend(
+            InferConfig(model="a.pth", device=Device.CUDA),
+            ModelKind.CHECKPOINT,  # type: ignore[arg-type]
+            cuda_available=False,
+        )
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no GPU"):
             Preprocessor(PreprocessConfig(device=Device.CUDA)).setup()

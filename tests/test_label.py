@@ -31,7 +31,10 @@ def teacher() -> Path:
 def _label(*args: str | Path, timeout: float = 240) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [*FINESTREAM, "label", *map(str, args), "--no-progress"],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -60,9 +63,22 @@ def test_a_video_and_an_image_folder_become_a_dataset_the_trainer_loads(
             cv2.imwrite(str(folder / f"still_{i:03d}.jpg"), bgr)
     out = tmp_path / "dataset"
     result = _label(
-        "--model", teacher, "--source", media_dir / "cars_320x240_mjpeg.avi",
-        "--source", folder, "--out", out, "--classes", ROAD, "--rename", "truck=car,bus=car",
-        "--threshold", "0.35", "--gap", "0",
+        "--model",
+        teacher,
+        "--source",
+        media_dir / "cars_320x240_mjpeg.avi",
+        "--source",
+        folder,
+        "--out",
+        out,
+        "--classes",
+        ROAD,
+        "--rename",
+        "truck=car,bus=car",
+        "--threshold",
+        "0.35",
+        "--gap",
+        "0",
     )
     assert result.returncode == 0, result.stderr
     assert "boxes per class: person" in result.stdout
@@ -88,18 +104,39 @@ def test_clip_split_and_holdout_keep_each_clip_on_one_side(
 ) -> None:
     out = tmp_path / "dataset"
     result = _label(
-        "--model", teacher, "--source", media_dir / "cars_320x240_mjpeg.avi",
-        "--source", media_dir / "traffic_highway_960x540.mp4", "--holdout", media_dir / "cars_320x240.h265",
-        "--out", out, "--classes", "car", "--split", "clip", "--val-fraction", "0.5", "--every", "15",
+        "--model",
+        teacher,
+        "--source",
+        media_dir / "cars_320x240_mjpeg.avi",
+        "--source",
+        media_dir / "traffic_highway_960x540.mp4",
+        "--holdout",
+        media_dir / "cars_320x240.h265",
+        "--out",
+        out,
+        "--classes",
+        "car",
+        "--split",
+        "clip",
+        "--val-fraction",
+        "0.5",
+        "--every",
+        "15",
     )
     assert result.returncode == 0, result.stderr
     train, val, test = (set(_frames(out, s)) for s in ("train", "val", "test"))
-    assert train == {"cars_320x240_mjpeg"} and val == {"traffic_highway_960x540"} and test == {"cars_320x240"}
+    assert (
+        train == {"cars_320x240_mjpeg"}
+        and val == {"traffic_highway_960x540"}
+        and test == {"cars_320x240"}
+    )
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames_per_split"]["test"] == 2  # 30 frames, every 15th
 
 
-def test_a_static_scene_keeps_one_frame_with_min_change(tmp_path: Path, media_dir: Path, teacher: Path) -> None:
+def test_a_static_scene_keeps_one_frame_with_min_change(
+    tmp_path: Path, media_dir: Path, teacher: Path
+) -> None:
     folder = tmp_path / "static"
     folder.mkdir()
     capture = cv2.VideoCapture(str(media_dir / "cars_320x240_mjpeg.avi"))
@@ -108,17 +145,43 @@ def test_a_static_scene_keeps_one_frame_with_min_change(tmp_path: Path, media_di
     for i in range(6):
         cv2.imwrite(str(folder / f"{i:02d}.png"), bgr)
     out = tmp_path / "dataset"
-    result = _label("--model", teacher, "--source", folder, "--out", out,
-                    "--min-change", "2", "--val-fraction", "0")
+    result = _label(
+        "--model",
+        teacher,
+        "--source",
+        folder,
+        "--out",
+        out,
+        "--min-change",
+        "2",
+        "--val-fraction",
+        "0",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames_read"] == 6 and summary["frames_kept"] == 1
 
 
-def test_tiles_find_small_objects_the_whole_frame_misses(tmp_path: Path, media_dir: Path, teacher: Path) -> None:
+def test_tiles_find_small_objects_the_whole_frame_misses(
+    tmp_path: Path, media_dir: Path, teacher: Path
+) -> None:
     out = tmp_path / "dataset"
-    result = _label("--model", teacher, "--source", media_dir / "traffic_highway_960x540.mp4",
-                    "--out", out, "--every", "60", "--classes", "car,truck", "--tile", "416", "--threshold", "0.35")
+    result = _label(
+        "--model",
+        teacher,
+        "--source",
+        media_dir / "traffic_highway_960x540.mp4",
+        "--out",
+        out,
+        "--every",
+        "60",
+        "--classes",
+        "car,truck",
+        "--tile",
+        "416",
+        "--threshold",
+        "0.35",
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads((out / "summary.json").read_text())
     assert summary["merged_boxes"] > summary["full_frame_boxes"]
@@ -129,23 +192,46 @@ def test_tiles_find_small_objects_the_whole_frame_misses(tmp_path: Path, media_d
     ("make", "args", "message"),
     [
         (lambda d: None, ["--source", "{d}/missing.mp4"], "no such file"),
-        (lambda d: (d / "a.mp4").write_text("not a video"), ["--source", "{d}/a.mp4"], "not a readable video"),
+        (
+            lambda d: (d / "a.mp4").write_text("not a video"),
+            ["--source", "{d}/a.mp4"],
+            "not a readable video",
+        ),
         (lambda d: (d / "empty").mkdir(), ["--source", "{d}/empty"], "holds no images"),
-        (lambda d: None, ["--source", "{media}/cars_320x240_mjpeg.avi", "--classes", "car,unicorn"], "unicorn"),
-        (lambda d: None, ["--source", "{media}/cars_320x240_mjpeg.avi", "--rename", "car"], "expected old=new"),
+        (
+            lambda d: None,
+            ["--source", "{media}/cars_320x240_mjpeg.avi", "--classes", "car,unicorn"],
+            "unicorn",
+        ),
+        (
+            lambda d: None,
+            ["--source", "{media}/cars_320x240_mjpeg.avi", "--rename", "car"],
+            "expected old=new",
+        ),
         (lambda d: None, ["--source", "{media}/cars_320x240_mjpeg.avi", "--every", "0"], "--every"),
-        (lambda d: (d / "out").mkdir() or (d / "out" / "x").write_text(""),
-         ["--source", "{media}/cars_320x240_mjpeg.avi"], "not empty"),
+        (
+            lambda d: (d / "out").mkdir() or (d / "out" / "x").write_text(""),
+            ["--source", "{media}/cars_320x240_mjpeg.avi"],
+            "not empty",
+        ),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(
-    tmp_path: Path, media_dir: Path, teacher: Path, capsys: pytest.CaptureFixture[str], make, args, message
+    tmp_path: Path,
+    media_dir: Path,
+    teacher: Path,
+    capsys: pytest.CaptureFixture[str],
+    make,
+    args,
+    message,
 ) -> None:
     from pipeline.cli import main
 
     make(tmp_path)
     args = [a.format(d=tmp_path, media=media_dir) for a in args]
-    code = main(["label", "--model", str(teacher), "--out", str(tmp_path / "out"), "--no-progress", *args])
+    code = main(
+        ["label", "--model", str(teacher), "--out", str(tmp_path / "out"), "--no-progress", *args]
+    )
     assert code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
@@ -153,14 +239,24 @@ def test_bad_input_is_one_line_and_exit_2(
 
 
 def test_the_command_line_exits_2_in_one_line(tmp_path: Path, teacher: Path) -> None:
-    result = _label("--model", teacher, "--source", tmp_path / "missing.mp4", "--out", tmp_path / "out", timeout=60)
+    result = _label(
+        "--model",
+        teacher,
+        "--source",
+        tmp_path / "missing.mp4",
+        "--out",
+        tmp_path / "out",
+        timeout=60,
+    )
     assert result.returncode == 2
     expected = f"finestream: error: --source {tmp_path}/missing.mp4: no such file or folder"
     assert result.stderr.strip().splitlines() == [expected]
 
 
 def test_renaming_to_a_kept_name_merges_classes() -> None:
-    names, mapping = class_mapping(["person", "car", "bus", "truck"], ["person", "car", "truck"], {"truck": "car"})
+    names, mapping = class_mapping(
+        ["person", "car", "bus", "truck"], ["person", "car", "truck"], {"truck": "car"}
+    )
     assert names == ["person", "car"] and mapping == {0: 0, 1: 1, 3: 1}
     with pytest.raises(LabelError, match="not among the kept"):
         class_mapping(["person", "car", "bus"], ["person"], {"bus": "car"})

@@ -145,13 +145,19 @@ def test_camera_killed_and_restarted_three_times_keeps_the_pipeline_going(
     events = EventChannel()  # source events reach the sink's thread also while no frames flow
     backoff_max_s = 1.0
     source = LiveSource(
-        LiveSourceConfig(url=camera.url, stream_id="cam", backoff_initial_s=0.25,
-                         backoff_max_s=backoff_max_s, stall_timeout_s=4.0),
+        LiveSourceConfig(
+            url=camera.url,
+            stream_id="cam",
+            backoff_initial_s=0.25,
+            backoff_max_s=backoff_max_s,
+            stall_timeout_s=4.0,
+        ),
         on_event=events.publish,
     )
     recorder = _Recorder()
-    pipeline = Pipeline([source], [(_Brightness(), LIVE)], [(recorder, LIVE), (zmq_sink, LIVE)],
-                        events=events)
+    pipeline = Pipeline(
+        [source], [(_Brightness(), LIVE)], [(recorder, LIVE), (zmq_sink, LIVE)], events=events
+    )
     sub = _Subscriber(endpoint)
     pipeline.start()
     try:
@@ -161,7 +167,7 @@ def test_camera_killed_and_restarted_three_times_keeps_the_pipeline_going(
             camera.kill()
             # source_lost reaches subscribers while no frames flow.
             deadline = time.monotonic() + 3
-            while not sub.of_type("source_lost")[outage - 1:] and time.monotonic() < deadline:
+            while not sub.of_type("source_lost")[outage - 1 :] and time.monotonic() < deadline:
                 sub.drain(0.1)
             assert len(sub.of_type("source_lost")) == outage, sub.of_type("source_lost")
             time.sleep(1.0)
@@ -198,7 +204,9 @@ def test_camera_killed_and_restarted_three_times_keeps_the_pipeline_going(
 
 def test_unreachable_url_with_reconnect_never_fails_the_run_with_one_line() -> None:
     url = f"rtsp://127.0.0.1:{free_port()}/stream"
-    source = LiveSource(LiveSourceConfig(url=url, reconnect=ReconnectPolicy.NEVER, open_timeout_s=2))
+    source = LiveSource(
+        LiveSourceConfig(url=url, reconnect=ReconnectPolicy.NEVER, open_timeout_s=2)
+    )
     pipeline = Pipeline([source], [(_Brightness(), LIVE)], [(_Recorder(), LIVE)])
     start = time.monotonic()
     with pytest.raises(StageError) as info:
@@ -237,7 +245,9 @@ def test_slow_processor_behind_drop_oldest_keeps_latency_flat(camera: RtspServer
         return float(np.percentile([w.at_s - w.arrival_s for w in ws], 95))
 
     early, late = p95_latency(first), p95_latency(last)
-    assert abs(late - early) <= 0.2 * early, f"latency p95 {early * 1000:.0f} -> {late * 1000:.0f} ms"
+    assert abs(late - early) <= 0.2 * early, (
+        f"latency p95 {early * 1000:.0f} -> {late * 1000:.0f} ms"
+    )
     # Latency from decoding can hide a backlog in front of the decoder, so also check how far the
     # frames lag behind the camera's clock: it must not grow either.
     w0 = written[0]
@@ -257,8 +267,9 @@ def test_a_dead_camera_does_not_slow_the_live_one(camera: RtspServer) -> None:
     live = LiveSource(LiveSourceConfig(url=camera.url, stream_id="alive"))
     dead_events: list[dict[str, Any]] = []
     dead = LiveSource(
-        LiveSourceConfig(url=f"rtsp://127.0.0.1:{free_port()}/stream", stream_id="dead",
-                         backoff_max_s=1.0),
+        LiveSourceConfig(
+            url=f"rtsp://127.0.0.1:{free_port()}/stream", stream_id="dead", backoff_max_s=1.0
+        ),
         on_event=dead_events.append,
     )
     recorder = _Recorder()

@@ -62,8 +62,14 @@ class _Collector:
             self.source.setup()
             for p in self.source.items():
                 self.seen.append(
-                    _Seen(p.index, p.pts_s, p.arrival_s, p.image_rgb_u8.shape,
-                          p.image_rgb_u8.dtype, p.stream_id)
+                    _Seen(
+                        p.index,
+                        p.pts_s,
+                        p.arrival_s,
+                        p.image_rgb_u8.shape,
+                        p.image_rgb_u8.dtype,
+                        p.stream_id,
+                    )
                 )
         except BaseException as exc:  # handed to the test
             self.error = exc
@@ -128,14 +134,18 @@ def test_frames_carry_the_picture_the_stream_id_and_increasing_times(camera: Rts
     assert np.median(np.diff(pts)) == pytest.approx(1001 / 30000, abs=1e-4)
     assert np.all(np.diff([s.arrival_s for s in seen]) >= 0)
     stats = c.source.stats()
-    assert stats.connections == 1 and stats.outages == 0 and (stats.width, stats.height) == (960, 540)
+    assert (
+        stats.connections == 1 and stats.outages == 0 and (stats.width, stats.height) == (960, 540)
+    )
 
 
 @pytest.mark.rtsp
 def test_server_killed_then_back_at_another_size_is_reconnected(
     camera: RtspServer, media_dir: Path
 ) -> None:
-    config = LiveSourceConfig(url=camera.url, stream_id="cam", backoff_initial_s=0.2, backoff_max_s=1.0)
+    config = LiveSourceConfig(
+        url=camera.url, stream_id="cam", backoff_initial_s=0.2, backoff_max_s=1.0
+    )
     c = _collect(config)
     try:
         c.frames(30)
@@ -205,7 +215,9 @@ def test_reconnect_never_ends_the_source_when_the_server_goes(camera: RtspServer
 
 def test_reconnect_never_and_nothing_listening_fails_at_once_with_one_line() -> None:
     url = f"rtsp://admin:hunter2@127.0.0.1:{free_port()}/stream"
-    source = LiveSource(LiveSourceConfig(url=url, reconnect=ReconnectPolicy.NEVER, open_timeout_s=3))
+    source = LiveSource(
+        LiveSourceConfig(url=url, reconnect=ReconnectPolicy.NEVER, open_timeout_s=3)
+    )
     start = time.monotonic()
     with pytest.raises(LiveSourceError) as info:
         next(iter(source.items()))

@@ -164,8 +164,29 @@ def test_to_dict_is_json_with_enum_values() -> None:
 def test_format_table_lists_every_stage_and_buffer() -> None:
     table = _example().format_table()
     lines = table.splitlines()
-    assert lines[0].split() == ["stage", "kind", "items", "fps", "busy", "p50", "ms", "p95", "ms", "cpu", "ms"]
-    assert lines[2].split() == ["infer", "processor", "900", "12.1", "83%", "68.71", "137.42", "61.84"]
+    assert lines[0].split() == [
+        "stage",
+        "kind",
+        "items",
+        "fps",
+        "busy",
+        "p50",
+        "ms",
+        "p95",
+        "ms",
+        "cpu",
+        "ms",
+    ]
+    assert lines[2].split() == [
+        "infer",
+        "processor",
+        "900",
+        "12.1",
+        "83%",
+        "68.71",
+        "137.42",
+        "61.84",
+    ]
     assert lines[3].split()[-2:] == ["-", "-"]  # no p95 and no CPU figure for the sink: dashes
     assert any(line.split()[:3] == ["infer.in", "drop_oldest", "3/8"] for line in lines)
     assert "p95 210.4" in table

@@ -15,7 +15,13 @@ from stages.track import CameraMotion, CameraMotionConfig, MotionModel, TrackCon
 FRAME_WH = (960, 600)
 # Five parked objects in world pixels (x1, y1, x2, y2), 30 px: a small target, as from a drone.
 OBJECTS = np.array(
-    [[200, 150, 230, 180], [420, 300, 450, 330], [650, 200, 680, 230], [300, 420, 330, 450], [700, 440, 730, 470]],
+    [
+        [200, 150, 230, 180],
+        [420, 300, 450, 330],
+        [650, 200, 680, 230],
+        [300, 420, 330, 450],
+        [700, 440, 730, 470],
+    ],
     dtype=np.float32,
 )
 
@@ -39,10 +45,14 @@ def _frame(world: np.ndarray, shift_xy: tuple[float, float]) -> np.ndarray:
 
 def test_a_known_translation_maps_back_through_the_scaled_flow() -> None:
     world = _world()
-    motion = CameraMotion(CameraMotionConfig(enabled=True, flow_max_side_px=480))  # flow at half size
+    motion = CameraMotion(
+        CameraMotionConfig(enabled=True, flow_max_side_px=480)
+    )  # flow at half size
     motion.update(_frame(world, (0, 0)), OBJECTS)
     shift = (12.0, -7.0)
-    transformation = motion.update(_frame(world, shift), OBJECTS + np.array([*shift, *shift], np.float32))
+    transformation = motion.update(
+        _frame(world, shift), OBJECTS + np.array([*shift, *shift], np.float32)
+    )
     assert transformation is not None
     seen = np.array([[100.0, 100.0], [800.0, 500.0]]) + np.array(shift)
     np.testing.assert_allclose(transformation.rel_to_abs(seen), seen - np.array(shift), atol=0.5)
@@ -57,20 +67,29 @@ def test_a_frame_without_corners_is_no_estimate_and_the_next_ones_recover() -> N
     motion.update(_frame(world, (0, 0)), None)
     transformation = motion.update(_frame(world, (20, 0)), None)
     assert transformation is not None
-    np.testing.assert_allclose(transformation.rel_to_abs(np.array([[520.0, 300.0]])), [[500.0, 300.0]], atol=0.6)
+    np.testing.assert_allclose(
+        transformation.rel_to_abs(np.array([[520.0, 300.0]])), [[500.0, 300.0]], atol=0.6
+    )
 
 
 def _track(camera_motion: bool, shifts: np.ndarray) -> tuple[int, float, Tracker]:
     """Distinct track ids and the share of detections with an id, over the shaken clip."""
     world = _world()
-    config = TrackConfig(camera_motion=CameraMotionConfig(enabled=camera_motion, flow_max_side_px=480))
+    config = TrackConfig(
+        camera_motion=CameraMotionConfig(enabled=camera_motion, flow_max_side_px=480)
+    )
     tracker = Tracker(config)
     ids: list[int] = []
     for i, (dx, dy) in enumerate(shifts.tolist()):
         boxes = OBJECTS + np.array([dx, dy, dx, dy], np.float32)
-        dets = Detections(boxes_xyxy=boxes, scores=np.full(len(boxes), 0.9, np.float32),
-                          class_ids=np.zeros(len(boxes), np.int64))
-        packet = tracker.process(FramePacket("0", i, i / 30, _frame(world, (dx, dy)), 0.0, detections=dets))
+        dets = Detections(
+            boxes_xyxy=boxes,
+            scores=np.full(len(boxes), 0.9, np.float32),
+            class_ids=np.zeros(len(boxes), np.int64),
+        )
+        packet = tracker.process(
+            FramePacket("0", i, i / 30, _frame(world, (dx, dy)), 0.0, detections=dets)
+        )
         assert packet.detections is not None
         np.testing.assert_array_equal(packet.detections.boxes_xyxy, boxes)  # still image pixels
         if i >= 5:  # past the initialisation delay

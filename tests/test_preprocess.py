@@ -33,7 +33,9 @@ def _first_frame(name: str) -> np.ndarray:
 
 
 def _packet(image: np.ndarray) -> FramePacket:
-    return FramePacket(stream_id="0", index=0, pts_s=0.0, image_rgb_u8=image, arrival_s=time.monotonic())
+    return FramePacket(
+        stream_id="0", index=0, pts_s=0.0, image_rgb_u8=image, arrival_s=time.monotonic()
+    )
 
 
 def _pil_reference(image: np.ndarray, size: int) -> np.ndarray:
@@ -59,10 +61,16 @@ def test_output_shape_dtype_range_and_layout() -> None:
 
 @pytest.mark.parametrize(
     "name",
-    ["traffic_highway_960x540.mp4", "pedestrians_night_street_1080p_mpeg4.mp4",
-     "person_asl_640x480_rotate90.mp4", "cars_320x240.h265"],
+    [
+        "traffic_highway_960x540.mp4",
+        "pedestrians_night_street_1080p_mpeg4.mp4",
+        "person_asl_640x480_rotate90.mp4",
+        "cars_320x240.h265",
+    ],
 )
-@pytest.mark.parametrize("resize_in_uint8", [True, False], ids=["uint8-cpu-path", "float-cuda-path"])
+@pytest.mark.parametrize(
+    "resize_in_uint8", [True, False], ids=["uint8-cpu-path", "float-cuda-path"]
+)
 def test_matches_the_official_pil_resize(name: str, resize_in_uint8: bool) -> None:
     # Both arithmetic paths run here on CPU: the float one is what CUDA uses.
     image = _first_frame(name)
@@ -106,9 +114,13 @@ def test_upscaling_a_small_frame() -> None:
 
 def test_rejects_a_non_rgb_image() -> None:
     with pytest.raises(ValueError, match="image_rgb_u8"):
-        image_to_model_input(np.zeros((4, 4), np.uint8), 32, torch.device("cpu"), resize_in_uint8=True)
+        image_to_model_input(
+            np.zeros((4, 4), np.uint8), 32, torch.device("cpu"), resize_in_uint8=True
+        )
     with pytest.raises(ValueError, match="image_rgb_u8"):
-        image_to_model_input(np.zeros((4, 4, 3), np.float32), 32, torch.device("cpu"), resize_in_uint8=True)
+        image_to_model_input(
+            np.zeros((4, 4, 3), np.float32), 32, torch.device("cpu"), resize_in_uint8=True
+        )
 
 
 def test_auto_device_is_cpu_without_a_gpu() -> None:
@@ -135,8 +147,11 @@ def test_cuda_matches_cpu() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"input_size": 0}, "input_size"), ({"input_size": 650}, "input_size"),
-     ({"device": "tpu"}, "device")],
+    [
+        ({"input_size": 0}, "input_size"),
+        ({"input_size": 650}, "input_size"),
+        ({"device": "tpu"}, "device"),
+    ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):

@@ -16,7 +16,11 @@ def _packet(width: int, height: int, boxes_xyxy: list[list[float]], index: int) 
     image = np.full((height, width, 3), 90, np.uint8)
     count = len(boxes_xyxy)
     return FramePacket(
-        stream_id="cam", index=index, pts_s=index / 25, image_rgb_u8=image, arrival_s=0.0,
+        stream_id="cam",
+        index=index,
+        pts_s=index / 25,
+        image_rgb_u8=image,
+        arrival_s=0.0,
         detections=Detections(
             boxes_xyxy=np.array(boxes_xyxy, np.float32).reshape(count, 4),
             scores=np.full(count, 0.9, np.float32),
@@ -28,7 +32,9 @@ def _packet(width: int, height: int, boxes_xyxy: list[list[float]], index: int) 
 
 def test_restream_draws_in_source_pixels_then_rescales() -> None:
     annotation = AnnotateConfig(box_thickness=2, text_scale=0)  # boxes only
-    sink = RtspPublishSink(RtspPublishConfig(url="rtsp://127.0.0.1:9/x", annotation=annotation), ["car"])
+    sink = RtspPublishSink(
+        RtspPublishConfig(url="rtsp://127.0.0.1:9/x", annotation=annotation), ["car"]
+    )
     sink.setup()
     first = sink.picture(_packet(640, 360, [], 0))  # fixes the stream at 640x360
     assert first.shape == (360, 640, 3)

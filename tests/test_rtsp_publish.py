@@ -110,7 +110,10 @@ def _read_published(url: str, n_frames: int, deadline_s: float) -> list[np.ndarr
 def _box_edge_rgb(image: np.ndarray, scale_xy: tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
     """Mean colour of the box's top edge (8 px thick in the source), away from the corners;
     ``scale_xy``: stream pixels per source pixel (the box is drawn before rescaling)."""
-    x1, y1, x2 = (round(v * k) for v, k in ((BOX[0], scale_xy[0]), (BOX[1], scale_xy[1]), (BOX[2], scale_xy[0])))
+    x1, y1, x2 = (
+        round(v * k)
+        for v, k in ((BOX[0], scale_xy[0]), (BOX[1], scale_xy[1]), (BOX[2], scale_xy[0]))
+    )
     return image[y1 - 2 : y1 + 3, x1 + 40 : x2 - 40].reshape(-1, 3).mean(axis=0)
 
 
@@ -140,7 +143,9 @@ def test_published_stream_is_the_annotated_video_and_keeps_its_size(media_dir: P
     # The box is drawn in each frame's own pixels, then the frame is rescaled: after the switch
     # to 640x640 it lands at BOX scaled by (960/640, 540/640) in the stream.
     for image, scale in ((first[-1], (1.0, 1.0)), (after_switch[-1], (960 / 640, 540 / 640))):
-        assert np.abs(_box_edge_rgb(image, scale) - expected).max() < 40, _box_edge_rgb(image, scale)
+        assert np.abs(_box_edge_rgb(image, scale) - expected).max() < 40, _box_edge_rgb(
+            image, scale
+        )
     stats = sink.stats()
     assert stats.rescaled > 0 and stats.published > 40 and stats.connections == 1
     assert stats.skipped == 0

@@ -181,9 +181,7 @@ def test_bad_arguments_are_refused_with_the_fix() -> None:
 
 def test_all_items_arrive_in_order_each_stage_in_its_own_thread() -> None:
     src, sq, sink = CountingSource(n=500), Square(), CollectSink()
-    pipe = Pipeline(
-        [src], [(sq, BufferSpec(capacity=2))], [(sink, BufferSpec(capacity=3))]
-    )
+    pipe = Pipeline([src], [(sq, BufferSpec(capacity=2))], [(sink, BufferSpec(capacity=3))])
     pipe.run()
     assert sink.written == [i * i for i in range(500)]
     for stage in (src, sq, sink):
@@ -282,7 +280,9 @@ class Sleeper(Burner):
         return item
 
 
-@pytest.mark.skipif(not hasattr(time, "pthread_getcpuclockid"), reason="no per-thread CPU clock here")
+@pytest.mark.skipif(
+    not hasattr(time, "pthread_getcpuclockid"), reason="no per-thread CPU clock here"
+)
 def test_cpu_time_per_item_tells_work_from_waiting() -> None:
     """Both stages are busy 20 ms per item; only one of them works for it."""
     pipe = Pipeline(
@@ -316,11 +316,15 @@ class HeavySetup(Burner):
             pass
 
 
-@pytest.mark.skipif(not hasattr(time, "pthread_getcpuclockid"), reason="no per-thread CPU clock here")
+@pytest.mark.skipif(
+    not hasattr(time, "pthread_getcpuclockid"), reason="no per-thread CPU clock here"
+)
 def test_cpu_time_leaves_out_setup() -> None:
     """A model load is not work per frame: a short run must not show it as such."""
     pipe = Pipeline(
-        [CountingSource(n=10)], [(HeavySetup("load", 0.0), BufferSpec())], [(CollectSink(), BufferSpec())]
+        [CountingSource(n=10)],
+        [(HeavySetup("load", 0.0), BufferSpec())],
+        [(CollectSink(), BufferSpec())],
     )
     pipe.run()
     load = pipe.metrics().stages[1]
@@ -358,9 +362,7 @@ def test_a_failing_stage_stops_everything_within_bounded_time(
     # empty buffer when the error comes, which is the case that hangs naive pipelines.
     src: CountingSource = RaisingSource() if failing == "src" else CountingSource(n=None)
     proc = (
-        SetupFails()
-        if failing == "setup"
-        else Square(raise_on=7 if failing == "square" else None)
+        SetupFails() if failing == "setup" else Square(raise_on=7 if failing == "square" else None)
     )
     sink = CollectSink(raise_on=81 if failing == "sink" else None)
     pipe = Pipeline([src], [(proc, BufferSpec(capacity=1))], [(sink, BufferSpec(capacity=1))])
@@ -630,8 +632,12 @@ def test_thread_nice_lowers_only_the_named_stages() -> None:
     pipeline.run()
     assert seen == {"busy": base, "background": min(base + 5, 19)}
     with pytest.raises(ValueError, match="names no stage"):
-        Pipeline([CountingSource("src", 1)], [], [(CollectSink("sink"), BufferSpec())],
-                 thread_nice={"nope": 1})
+        Pipeline(
+            [CountingSource("src", 1)],
+            [],
+            [(CollectSink("sink"), BufferSpec())],
+            thread_nice={"nope": 1},
+        )
 
 
 # -- the event channel ----------------------------------------------------------------------
@@ -680,9 +686,12 @@ def test_events_reach_every_subscriber_before_the_item_they_were_published_with(
     announcer = Announcer(channel.publish)
     logs = [EventLog("log_a"), EventLog("log_b", delay_s=0.001)]
     plain = CollectSink("plain")  # no on_event: not subscribed
-    pipe = Pipeline([CountingSource(n=50)], [(announcer, BufferSpec(2))],
-                    [(log, BufferSpec(2)) for log in logs] + [(plain, BufferSpec(2))],
-                    events=channel)
+    pipe = Pipeline(
+        [CountingSource(n=50)],
+        [(announcer, BufferSpec(2))],
+        [(log, BufferSpec(2)) for log in logs] + [(plain, BufferSpec(2))],
+        events=channel,
+    )
     pipe.run()
     for log in logs:
         events = [e for kind, e in log.seen if kind == "event"]
@@ -703,8 +712,12 @@ def test_events_are_never_dropped_by_a_leaky_buffer() -> None:
     channel = EventChannel()
     announcer = Announcer(channel.publish)
     log = EventLog(delay_s=0.002)
-    pipe = Pipeline([CountingSource(n=400)], [(announcer, BufferSpec(1))],
-                    [(log, BufferSpec(1, OverflowPolicy.DROP_OLDEST))], events=channel)
+    pipe = Pipeline(
+        [CountingSource(n=400)],
+        [(announcer, BufferSpec(1))],
+        [(log, BufferSpec(1, OverflowPolicy.DROP_OLDEST))],
+        events=channel,
+    )
     pipe.run()
     items = [e for kind, e in log.seen if kind == "item"]
     events = [e for kind, e in log.seen if kind == "event"]

@@ -37,8 +37,14 @@ class Outer:
 
 
 def test_round_trip_and_conversions() -> None:
-    data = {"name": "cam", "count": 3, "path": "~/a.mp4", "classes": [0, 2],
-            "inner": {"threshold": 1, "color": "blue"}, "items": [{"color": "RED"}]}
+    data = {
+        "name": "cam",
+        "count": 3,
+        "path": "~/a.mp4",
+        "classes": [0, 2],
+        "inner": {"threshold": 1, "color": "blue"},
+        "items": [{"color": "RED"}],
+    }
     cfg = from_dict(Outer, data)
     assert cfg.inner == Inner(1.0, Color.BLUE)
     assert cfg.classes == (0, 2)

@@ -45,7 +45,9 @@ def _real_packets(name: str, count: int) -> list[FramePacket]:
 def _with_detections(packet: FramePacket) -> FramePacket:
     i = packet.index
     packet.detections = Detections(
-        boxes_xyxy=np.array([[10 + 3 * i, 20, 200 + 3 * i, 150], [300, 200, 340.123, 260.456]], np.float32),
+        boxes_xyxy=np.array(
+            [[10 + 3 * i, 20, 200 + 3 * i, 150], [300, 200, 340.123, 260.456]], np.float32
+        ),
         scores=np.array([0.91234, 0.5], np.float32),
         class_ids=np.array([2, 0], np.int64),
         track_ids=np.array([7, -1], np.int64),
@@ -57,12 +59,18 @@ def _read_video(path: Path) -> tuple[list[np.ndarray], list[float], av.VideoStre
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         frames = list(container.decode(stream))
-        return [f.to_ndarray(format="rgb24") for f in frames], [float(f.time) for f in frames], stream
+        return (
+            [f.to_ndarray(format="rgb24") for f in frames],
+            [float(f.time) for f in frames],
+            stream,
+        )
 
 
 def _synthetic(index: int, pts_s: float, width: int, height: int, stream: str = "0") -> FramePacket:
     image = np.full((height, width, 3), (index * 20) % 256, dtype=np.uint8)
-    return FramePacket(stream_id=stream, index=index, pts_s=pts_s, image_rgb_u8=image, arrival_s=time.monotonic())
+    return FramePacket(
+        stream_id=stream, index=index, pts_s=pts_s, image_rgb_u8=image, arrival_s=time.monotonic()
+    )
 
 
 # --- annotated MP4 -----------------------------------------------------------------------
@@ -145,15 +153,24 @@ def test_pictures_reused_upstream_after_write_are_recorded_as_written(tmp_path: 
     levels = [40, 80, 120, 160, 200, 240, 30, 90]  # 8 frames: the first ones are held
     for i, level in enumerate(levels):
         shared[:] = level
-        sink.write(FramePacket(stream_id="0", index=i, pts_s=i / 25, image_rgb_u8=shared,
-                               arrival_s=time.monotonic()))
+        sink.write(
+            FramePacket(
+                stream_id="0",
+                index=i,
+                pts_s=i / 25,
+                image_rgb_u8=shared,
+                arrival_s=time.monotonic(),
+            )
+        )
     shared[:] = 0
     sink.teardown()
     images, _, _ = _read_video(tmp_path / "reuse.mp4")
     assert [round(float(im.mean())) for im in images] == pytest.approx(levels, abs=3)
 
 
-def test_out_of_order_and_repeated_pts_are_skipped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_out_of_order_and_repeated_pts_are_skipped(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     pts = [0.0, 0.04, 0.04, 0.02, 0.08, 0.12, 0.16, 0.2]
     sink = VideoFileSink(VideoSinkConfig(path=str(tmp_path / "pts.mp4"), annotate=False))
     sink.setup()
@@ -168,7 +185,9 @@ def test_out_of_order_and_repeated_pts_are_skipped(tmp_path: Path, caplog: pytes
 
 
 def test_other_streams_are_ignored(tmp_path: Path) -> None:
-    sink = VideoFileSink(VideoSinkConfig(path=str(tmp_path / "s.mp4"), stream_id="cam-b", annotate=False))
+    sink = VideoFileSink(
+        VideoSinkConfig(path=str(tmp_path / "s.mp4"), stream_id="cam-b", annotate=False)
+    )
     sink.setup()
     for i in range(6):
         sink.write(_synthetic(i, i / 25, 64, 48, stream="cam-a"))
@@ -179,7 +198,9 @@ def test_other_streams_are_ignored(tmp_path: Path) -> None:
 
 
 def test_fragmented_mp4_reads_back(tmp_path: Path) -> None:
-    sink = VideoFileSink(VideoSinkConfig(path=str(tmp_path / "f.mp4"), fragmented=True, annotate=False))
+    sink = VideoFileSink(
+        VideoSinkConfig(path=str(tmp_path / "f.mp4"), fragmented=True, annotate=False)
+    )
     sink.setup()
     for i in range(10):
         sink.write(_synthetic(i, i / 30, 64, 48))
@@ -197,9 +218,13 @@ def test_no_frames_writes_no_file(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"path": ""}, "path"), ({"path": "a.mp4", "preset": "warp"}, "preset"),
-     ({"path": "a.mp4", "crf": 52}, "crf"), ({"path": "a.mp4", "frame_rate": -1.0}, "frame_rate"),
-     ({"path": "a.mp4", "encode_threads": -1}, "encode_threads")],
+    [
+        ({"path": ""}, "path"),
+        ({"path": "a.mp4", "preset": "warp"}, "preset"),
+        ({"path": "a.mp4", "crf": 52}, "crf"),
+        ({"path": "a.mp4", "frame_rate": -1.0}, "frame_rate"),
+        ({"path": "a.mp4", "encode_threads": -1}, "encode_threads"),
+    ],
 )
 def test_video_config_rejects_bad_values(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):
@@ -232,7 +257,10 @@ def test_label_caption_text() -> None:
     assert labels.caption(2, 0.912, 5, CLASS_NAMES) == "car 0.91 #5"
     assert labels.caption(0, 0.4, -1, CLASS_NAMES) == "person 0.40"
     assert labels.caption(99, 0.5, 3, CLASS_NAMES) == "class_99 0.50 #3"  # stages.events.label_for
-    assert LabelAnnotator(show_score=False, show_track_id=False).caption(2, 0.9, 5, CLASS_NAMES) == "car"
+    assert (
+        LabelAnnotator(show_score=False, show_track_id=False).caption(2, 0.9, 5, CLASS_NAMES)
+        == "car"
+    )
 
 
 def test_full_annotation_of_a_real_frame_leaves_the_frame_alone() -> None:
@@ -252,7 +280,9 @@ def test_boxes_outside_the_picture_and_nan_rows_do_not_crash() -> None:
         scores=np.array([0.9, 0.9], np.float32),
         class_ids=np.array([1, 1], np.int64),
     )
-    out = make_annotator(AnnotateConfig()).annotate(np.zeros((40, 60, 3), np.uint8), dets, CLASS_NAMES)
+    out = make_annotator(AnnotateConfig()).annotate(
+        np.zeros((40, 60, 3), np.uint8), dets, CLASS_NAMES
+    )
     assert out.any()
 
 
@@ -273,8 +303,11 @@ def test_trail_memory_is_bounded() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"box_thickness": 0}, "box_thickness"), ({"text_scale": -1.0}, "text_scale"),
-     ({"trail_length": 1}, "trail_length")],
+    [
+        ({"box_thickness": 0}, "box_thickness"),
+        ({"text_scale": -1.0}, "text_scale"),
+        ({"trail_length": 1}, "trail_length"),
+    ],
 )
 def test_annotate_config_rejects_bad_values(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):
@@ -287,8 +320,15 @@ def test_annotate_config_rejects_bad_values(kwargs: dict[str, object], field: st
 def test_jsonl_one_frame_message_per_packet_and_events_on_their_own_lines(tmp_path: Path) -> None:
     packets = [_with_detections(p) for p in _real_packets("cars_320x240.h265", 5)]
     packets[4].detections = None  # a frame no detector looked at
-    started = track_started_event(stream="0", frame=2, pts_s=0.08, track_id=7, class_id=2,
-                                  box_xyxy=[13, 20, 203, 150], class_names=CLASS_NAMES)
+    started = track_started_event(
+        stream="0",
+        frame=2,
+        pts_s=0.08,
+        track_id=7,
+        class_id=2,
+        box_xyxy=[13, 20, 203, 150],
+        class_names=CLASS_NAMES,
+    )
     sink = JsonLinesSink(JsonLinesSinkConfig(path=str(tmp_path / "d.jsonl")), CLASS_NAMES)
     sink.setup()
     for p in packets:
@@ -301,14 +341,25 @@ def test_jsonl_one_frame_message_per_packet_and_events_on_their_own_lines(tmp_pa
 
     lines = [json.loads(line) for line in (tmp_path / "d.jsonl").read_text().splitlines()]
     assert [(line["type"], line["frame"]) for line in lines] == [
-        ("frame", 0), ("frame", 1), ("track_started", 2), ("frame", 2), ("frame", 3), ("frame", 4)]
+        ("frame", 0),
+        ("frame", 1),
+        ("track_started", 2),
+        ("frame", 2),
+        ("frame", 3),
+        ("frame", 4),
+    ]
     frames = [line for line in lines if line["type"] == "frame"]
     assert all(line["v"] == EVENT_SCHEMA_VERSION for line in lines)
     assert frames[1]["stream"] == "0" and frames[1]["pts_s"] == pytest.approx(0.04)
     assert (frames[1]["width"], frames[1]["height"]) == (320, 240)
     first = frames[1]["detections"][0]
-    assert first == {"box_xyxy": [13.0, 20.0, 203.0, 150.0], "score": 0.9123, "class_id": 2,
-                     "label": "car", "track_id": 7}
+    assert first == {
+        "box_xyxy": [13.0, 20.0, 203.0, 150.0],
+        "score": 0.9123,
+        "class_id": 2,
+        "label": "car",
+        "track_id": 7,
+    }
     assert frames[1]["detections"][1]["box_xyxy"] == [300.0, 200.0, 340.12, 260.46]
     assert frames[1]["detections"][1]["track_id"] is None
     assert lines[2] == started
@@ -321,7 +372,8 @@ def test_jsonl_rows_with_non_finite_numbers_are_left_out_and_lines_stay_strict_j
     packet = _synthetic(0, 0.0, 8, 8)
     packet.detections = Detections(
         boxes_xyxy=np.array([[np.nan, 1, 2, np.inf], [1, 1, 4, 4]], np.float32),
-        scores=np.array([0.5, 0.25], np.float32), class_ids=np.array([9, 9], np.int64),
+        scores=np.array([0.5, 0.25], np.float32),
+        class_ids=np.array([9, 9], np.int64),
     )
     sink = JsonLinesSink(JsonLinesSinkConfig(path=str(tmp_path / "n.jsonl")), CLASS_NAMES)
     sink.setup()

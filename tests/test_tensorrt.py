@@ -92,8 +92,17 @@ def _mypy(stub_root: Path, *targets: str, cwd: Path = REPO) -> subprocess.Comple
     env = {"MYPYPATH": str(stub_root), "PATH": "/usr/bin:/bin"}
     return subprocess.run(
         # Own cache dir: results computed with the patched stubs stay out of .mypy_cache.
-        [sys.executable, "-m", "mypy", "--config-file", str(config), "--cache-dir",
-         str(stub_root / "mypy_cache"), "--strict", *targets],
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(config),
+            "--cache-dir",
+            str(stub_root / "mypy_cache"),
+            "--strict",
+            *targets,
+        ],
         cwd=cwd,
         env=env,
         capture_output=True,
@@ -112,7 +121,9 @@ def mypy_output(stub_path: Path) -> tuple[int, str]:
         "builder = trt.Builder(trt.Logger(trt.Logger.WARNING))\n"
         "wrong: int = builder.create_builder_config()\n"
     )
-    targets = sorted(str(p.relative_to(REPO)) for p in (REPO / "dfine/backends").glob("tensorrt*.py"))
+    targets = sorted(
+        str(p.relative_to(REPO)) for p in (REPO / "dfine/backends").glob("tensorrt*.py")
+    )
     assert len(targets) == 2, targets
     result = _mypy(stub_path, *targets, str(probe))
     return result.returncode, result.stdout + result.stderr

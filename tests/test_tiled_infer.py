@@ -28,7 +28,9 @@ SMALL_PX = 32
 @pytest.fixture(scope="module")
 def teacher() -> Path:
     if not TEACHER.is_file():
-        pytest.skip(f"teacher model not found at {TEACHER} (the shared/ folder beside the repository)")
+        pytest.skip(
+            f"teacher model not found at {TEACHER} (the shared/ folder beside the repository)"
+        )
     return TEACHER
 
 
@@ -46,14 +48,25 @@ def highway_2x(media_dir: Path) -> list[np.ndarray]:
     return frames
 
 
-def _run(model: Path, frames: list[np.ndarray], tiling: TilingConfig, threshold: float = 0.35) -> list[Detections]:
-    prepared = prepare_model(InferConfig(model=model, score_threshold=threshold, intra_op_threads=1,
-                                         tiling=tiling, device=Device.CPU))
+def _run(
+    model: Path, frames: list[np.ndarray], tiling: TilingConfig, threshold: float = 0.35
+) -> list[Detections]:
+    prepared = prepare_model(
+        InferConfig(
+            model=model,
+            score_threshold=threshold,
+            intra_op_threads=1,
+            tiling=tiling,
+            device=Device.CPU,
+        )
+    )
     config = prepared.config
     assert config.imgsz is not None
     stage = InferenceStage(config, lambda: make_backend(config, prepared.info))
     stage.setup()
-    pre = Preprocessor(PreprocessConfig(input_size=config.imgsz, device=config.device, tiling=config.tiling))
+    pre = Preprocessor(
+        PreprocessConfig(input_size=config.imgsz, device=config.device, tiling=config.tiling)
+    )
     out = []
     for i, image in enumerate(frames):
         packet = FramePacket("0", i, 0.0, image, 0.0)
@@ -78,7 +91,9 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / (area(a)[:, None] + area(b)[None, :] - inter)
 
 
-def test_tiles_find_more_small_boxes_than_the_whole_frame(teacher: Path, highway_2x: list[np.ndarray]) -> None:
+def test_tiles_find_more_small_boxes_than_the_whole_frame(
+    teacher: Path, highway_2x: list[np.ndarray]
+) -> None:
     whole = _run(teacher, highway_2x, TilingConfig())
     tiled = _run(teacher, highway_2x, TilingConfig(enabled=True, full_frame=True))
     small_whole = sum(_small(d) for d in whole)
@@ -88,7 +103,9 @@ def test_tiles_find_more_small_boxes_than_the_whole_frame(teacher: Path, highway
     for dets in tiled:
         boxes = dets.boxes_xyxy
         # Source pixels of the 1920x1080 frame, not of a 416 px tile.
-        assert (boxes >= 0).all() and (boxes[:, 0::2] <= 1920).all() and (boxes[:, 1::2] <= 1080).all()
+        assert (
+            (boxes >= 0).all() and (boxes[:, 0::2] <= 1920).all() and (boxes[:, 1::2] <= 1080).all()
+        )
         assert boxes[:, 2].max() > 416 and boxes[:, 3].max() > 416
         assert (boxes[:, 2:] > boxes[:, :2]).all()
         # Merged: no two boxes of a class left over one object.
@@ -149,8 +166,16 @@ def test_merge_crops_maps_back_and_counts_a_border_cut_object_once() -> None:
     crops = [Tile(0, 0, 416, 416), Tile(344, 0, 760, 416)]  # 72 px overlap
     # A 40 px car at x 380..420: whole in the right tile, cut at x 416 in the left one.
     f32 = np.float32
-    left = (np.array([2, 2]), np.array([[380, 100, 416, 130], [10, 10, 30, 30]], f32), np.array([0.6, 0.9], f32))
-    right = (np.array([2, 0]), np.array([[36, 100, 76, 130], [300, 300, 330, 340]], f32), np.array([0.8, 0.7], f32))
+    left = (
+        np.array([2, 2]),
+        np.array([[380, 100, 416, 130], [10, 10, 30, 30]], f32),
+        np.array([0.6, 0.9], f32),
+    )
+    right = (
+        np.array([2, 0]),
+        np.array([[36, 100, 76, 130], [300, 300, 330, 340]], f32),
+        np.array([0.8, 0.7], f32),
+    )
     for method in MergeMethod:
         labels, boxes, scores = merge_crops([left, right], crops, frame_wh, method, 0.5)
         assert len(labels) == 3, method
@@ -158,12 +183,16 @@ def test_merge_crops_maps_back_and_counts_a_border_cut_object_once() -> None:
         np.testing.assert_allclose(car, [380, 100, 420, 130])  # right tile's box, in frame pixels
         np.testing.assert_allclose(boxes[labels == 0][0], [644, 300, 674, 340])
     # The piece (score 0.6) is gone under NMS too, where IoU alone (0.9 here) would be luck.
-    assert not np.isclose(merge_crops([left, right], crops, frame_wh, MergeMethod.NMS)[2], 0.6).any()
+    assert not np.isclose(
+        merge_crops([left, right], crops, frame_wh, MergeMethod.NMS)[2], 0.6
+    ).any()
 
 
 def test_tiling_config_is_validated_with_its_path() -> None:
     drone = load_config(REPO / "configs" / "drone.yaml")
-    assert drone.model.tiling.enabled and drone.track is not None and drone.track.camera_motion.enabled
+    assert (
+        drone.model.tiling.enabled and drone.track is not None and drone.track.camera_motion.enabled
+    )
     assert not InferConfig().tiling.enabled  # off by default
     with pytest.raises(ConfigError, match=r"model.tiling.merge"):
         from_dict(InferConfig, {"tiling": {"merge": "soft"}}, "model")

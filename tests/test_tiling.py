@@ -35,7 +35,10 @@ def test_an_overlap_without_stride_is_refused(overlap: float) -> None:
 
 def _merge(boxes, labels, scores, method):
     return merge_detections(
-        np.array(labels), np.array(boxes, dtype=np.float32), np.array(scores, dtype=np.float32), method
+        np.array(labels),
+        np.array(boxes, dtype=np.float32),
+        np.array(scores, dtype=np.float32),
+        method,
     )
 
 
@@ -63,7 +66,11 @@ def test_duplicates_in_an_overlap_become_one_and_classes_stay_apart(method: Merg
 
 
 def test_separate_objects_of_one_class_are_kept_and_empty_input_is_fine() -> None:
-    labels, boxes, _ = _merge([[0, 0, 10, 10], [20, 0, 30, 10]], [3, 3], [0.9, 0.8], MergeMethod.GREEDY_IOS)
+    labels, boxes, _ = _merge(
+        [[0, 0, 10, 10], [20, 0, 30, 10]], [3, 3], [0.9, 0.8], MergeMethod.GREEDY_IOS
+    )
     assert len(labels) == 2
-    empty = merge_detections(np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32))
+    empty = merge_detections(
+        np.zeros(0, np.int64), np.zeros((0, 4), np.float32), np.zeros(0, np.float32)
+    )
     assert [len(x) for x in empty] == [0, 0, 0]

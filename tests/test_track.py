@@ -12,22 +12,33 @@ IMAGE = np.zeros((8, 8, 3), dtype=np.uint8)  # the tracker never looks at pixels
 CLASS_NAMES = ["person", "bicycle", "car"]
 
 
-def _packet(index: int, boxes: list[list[float]], classes: list[int], stream: str = "0") -> FramePacket:
+def _packet(
+    index: int, boxes: list[list[float]], classes: list[int], stream: str = "0"
+) -> FramePacket:
     dets = Detections(
         boxes_xyxy=np.array(boxes, dtype=np.float32).reshape(-1, 4),
         scores=np.full(len(boxes), 0.9, dtype=np.float32),
         class_ids=np.array(classes, dtype=np.int64),
     )
-    return FramePacket(stream_id=stream, index=index, pts_s=index / 30, image_rgb_u8=IMAGE,
-                       arrival_s=0.0, detections=dets)
+    return FramePacket(
+        stream_id=stream,
+        index=index,
+        pts_s=index / 30,
+        image_rgb_u8=IMAGE,
+        arrival_s=0.0,
+        detections=dets,
+    )
 
 
 def _box(cx: float, cy: float, w: float = 40, h: float = 60) -> list[float]:
     return [cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2]
 
 
-def _ids_by_object(tracker: Tracker, frames: list[list[tuple[str, list[float], int]]],
-                   rng: np.random.Generator | None = None) -> dict[str, list[int]]:
+def _ids_by_object(
+    tracker: Tracker,
+    frames: list[list[tuple[str, list[float], int]]],
+    rng: np.random.Generator | None = None,
+) -> dict[str, list[int]]:
     """Run frames of (object name, box, class); rows are shuffled when rng is given.
     Returns each object's track id per frame."""
     ids: dict[str, list[int]] = {}
@@ -47,7 +58,11 @@ def test_moving_boxes_keep_one_id_each() -> None:
     events: list[dict] = []
     tracker = Tracker(config, CLASS_NAMES, publish=events.append)
     frames = [
-        [("a", _box(100 + 4 * t, 100), 2), ("b", _box(300, 100 + 3 * t), 2), ("c", _box(500 - 5 * t, 400), 0)]
+        [
+            ("a", _box(100 + 4 * t, 100), 2),
+            ("b", _box(300, 100 + 3 * t), 2),
+            ("c", _box(500 - 5 * t, 400), 0),
+        ]
         for t in range(30)
     ]
     ids = _ids_by_object(tracker, frames, rng=np.random.default_rng(0))
@@ -69,12 +84,14 @@ def test_moving_boxes_keep_one_id_each() -> None:
     assert not [e for e in events if e["type"] == "track_ended"]
 
 
-
 def test_crossing_objects_of_different_classes_keep_their_ids() -> None:
     # A car drives right and a person walks left along the same line: they overlap fully mid-way.
     tracker = Tracker(TrackConfig(initialization_delay=2), publish=[].append)
     frames = [
-        [("car", _box(100 + 10 * t, 200, 60, 60), 2), ("person", _box(400 - 10 * t, 200, 60, 60), 0)]
+        [
+            ("car", _box(100 + 10 * t, 200, 60, 60), 2),
+            ("person", _box(400 - 10 * t, 200, 60, 60), 0),
+        ]
         for t in range(30)
     ]
     ids = _ids_by_object(tracker, frames)
@@ -108,8 +125,15 @@ def test_track_ends_after_the_object_leaves() -> None:
         tracker.process(_packet(t, [], []))
     assert [e["type"] for e in events] == ["track_started", "track_ended"]
     ended = events[1]
-    assert (ended["track_id"], ended["class_id"], ended["label"], ended["reason"]) == (1, 2, "car", "lost")
-    assert ended["last_seen_frame"] == 9 and ended["last_seen_pts_s"] == pytest.approx(9 / 30, abs=1e-6)
+    assert (ended["track_id"], ended["class_id"], ended["label"], ended["reason"]) == (
+        1,
+        2,
+        "car",
+        "lost",
+    )
+    assert ended["last_seen_frame"] == 9 and ended["last_seen_pts_s"] == pytest.approx(
+        9 / 30, abs=1e-6
+    )
     assert ended["box_xyxy"] == pytest.approx(_box(118, 100))
     # Dropped a few frames after the last sighting, within its allowed misses.
     assert 10 <= ended["frame"] <= 10 + config.hit_counter_max + 1
@@ -171,7 +195,9 @@ def test_input_detections_are_not_modified() -> None:
 def test_degenerate_boxes_do_not_crash() -> None:
     tracker = Tracker(TrackConfig(initialization_delay=0))
     for t in range(5):
-        out = tracker.process(_packet(t, [[10, 10, 10, 10], [50, 50, 40, 40], _box(200, 200)], [1, 1, 1]))
+        out = tracker.process(
+            _packet(t, [[10, 10, 10, 10], [50, 50, 40, 40], _box(200, 200)], [1, 1, 1])
+        )
     assert len(out.detections) == 3  # type: ignore[arg-type]
 
 
@@ -191,11 +217,15 @@ def test_iou_distance_values() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"distance_threshold": 0.0}, "distance_threshold"), ({"distance_threshold": 1.5}, "distance_threshold"),
-     ({"hit_counter_max": 0}, "hit_counter_max"), ({"initialization_delay": 15}, "initialization_delay"),
-     ({"initialization_delay": -1}, "initialization_delay"),
-     ({"pointwise_hit_counter_max": 0}, "pointwise_hit_counter_max"),
-     ({"past_detections_length": -1}, "past_detections_length")],
+    [
+        ({"distance_threshold": 0.0}, "distance_threshold"),
+        ({"distance_threshold": 1.5}, "distance_threshold"),
+        ({"hit_counter_max": 0}, "hit_counter_max"),
+        ({"initialization_delay": 15}, "initialization_delay"),
+        ({"initialization_delay": -1}, "initialization_delay"),
+        ({"pointwise_hit_counter_max": 0}, "pointwise_hit_counter_max"),
+        ({"past_detections_length": -1}, "past_detections_length"),
+    ],
 )
 def test_config_rejects_bad_values(kwargs: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):
@@ -209,11 +239,21 @@ def test_one_object_detected_as_two_classes_gets_one_track() -> None:
     for t in range(8):
         box = _box(100 + 5 * t, 100)
         shifted = [v + 1 for v in box]  # IoU 0.92
-        dets = Detections(boxes_xyxy=np.array([box, shifted, _box(400, 400)], np.float32),
-                          scores=np.array([0.6, 0.8, 0.7], np.float32),
-                          class_ids=np.array([2, 1, 2], np.int64))
-        out = tracker.process(FramePacket(stream_id="0", index=t, pts_s=t / 30, image_rgb_u8=IMAGE,
-                                          arrival_s=0.0, detections=dets))
+        dets = Detections(
+            boxes_xyxy=np.array([box, shifted, _box(400, 400)], np.float32),
+            scores=np.array([0.6, 0.8, 0.7], np.float32),
+            class_ids=np.array([2, 1, 2], np.int64),
+        )
+        out = tracker.process(
+            FramePacket(
+                stream_id="0",
+                index=t,
+                pts_s=t / 30,
+                image_rgb_u8=IMAGE,
+                arrival_s=0.0,
+                detections=dets,
+            )
+        )
     assert out.detections is not None
     ids = out.detections.track_ids.tolist()
     assert ids[0] == -1 and ids[1] >= 1 and ids[2] >= 1 and ids[1] != ids[2]
@@ -221,6 +261,14 @@ def test_one_object_detected_as_two_classes_gets_one_track() -> None:
     # Off: both are tracked.
     tracker = Tracker(TrackConfig(initialization_delay=1, duplicate_iou=1.0))
     for t in range(8):
-        out = tracker.process(FramePacket(stream_id="0", index=t, pts_s=0.0, image_rgb_u8=IMAGE,
-                                          arrival_s=0.0, detections=dets))
+        out = tracker.process(
+            FramePacket(
+                stream_id="0",
+                index=t,
+                pts_s=0.0,
+                image_rgb_u8=IMAGE,
+                arrival_s=0.0,
+                detections=dets,
+            )
+        )
     assert out.detections is not None and (out.detections.track_ids >= 1).all()

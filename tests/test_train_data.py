@@ -30,7 +30,9 @@ from dfine.train.synthetic import main as synthetic_main
 from dfine.train.synthetic import make_synthetic_dataset
 
 
-def _write_image(path: Path, width: int, height: int, rects_xyxy: list[list[int]] | None = None) -> None:
+def _write_image(
+    path: Path, width: int, height: int, rects_xyxy: list[list[int]] | None = None
+) -> None:
     """A dark PNG with bright filled rectangles (so a test can find each object's pixels)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     picture = np.full((height, width, 3), 20, np.uint8)
@@ -39,14 +41,27 @@ def _write_image(path: Path, width: int, height: int, rects_xyxy: list[list[int]
     Image.fromarray(picture).save(path)
 
 
-def _coco(tmp_path: Path, images: list[dict], annotations: list[dict], categories: list[dict] | None = None,
-          name: str = "ann.json", make_files: bool = True) -> Path:
+def _coco(
+    tmp_path: Path,
+    images: list[dict],
+    annotations: list[dict],
+    categories: list[dict] | None = None,
+    name: str = "ann.json",
+    make_files: bool = True,
+) -> Path:
     for image in images:
         if make_files:
             _write_image(tmp_path / image["file_name"], image["width"], image["height"])
     path = tmp_path / name
-    path.write_text(json.dumps({"images": images, "annotations": annotations,
-                                "categories": categories or [{"id": 1, "name": "thing"}]}))
+    path.write_text(
+        json.dumps(
+            {
+                "images": images,
+                "annotations": annotations,
+                "categories": categories or [{"id": 1, "name": "thing"}],
+            }
+        )
+    )
     return path
 
 
@@ -113,8 +128,15 @@ def _yolo_root(tmp_path: Path, label_text: str | None, names: object = ("a", "b"
         (tmp_path / "labels" / "train").mkdir(parents=True, exist_ok=True)
         (tmp_path / "labels" / "train" / "x.txt").write_text(label_text)
     path = tmp_path / "data.yaml"
-    path.write_text(yaml.safe_dump({"path": ".", "train": "images/train",
-                                    "names": list(names) if isinstance(names, tuple) else names}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "path": ".",
+                "train": "images/train",
+                "names": list(names) if isinstance(names, tuple) else names,
+            }
+        )
+    )
     return path
 
 
@@ -170,12 +192,16 @@ def test_dataset_errors_are_one_line_naming_the_file_and_the_fix(tmp_path: Path,
     message = str(info.value)
     assert "\n" not in message
     assert names in message and says in message, message
-    assert any(word in message for word in ("fix", "add", "replace", "renumber", "put", "save")), message
+    assert any(word in message for word in ("fix", "add", "replace", "renumber", "put", "save")), (
+        message
+    )
     assert isinstance(info.value, ValueError)
 
 
 def test_box_within_tolerance_is_clipped_and_kept(tmp_path: Path) -> None:
-    path = _coco(tmp_path, [_img(1, "a.png")], [_ann(1, 1, [-0.6, 40.0, 64.5, 8.8])])  # 0.6 px out left, 0.8 px below
+    path = _coco(
+        tmp_path, [_img(1, "a.png")], [_ann(1, 1, [-0.6, 40.0, 64.5, 8.8])]
+    )  # 0.6 px out left, 0.8 px below
     (sample,) = load_dataset(path, val_fraction=0.0).train
     np.testing.assert_allclose(sample.boxes_xyxy, [[0.0, 40.0, 63.9, 48.0]], atol=1e-4)
 
@@ -189,7 +215,9 @@ def test_images_dir_option_finds_images_elsewhere(tmp_path: Path) -> None:
     assert spec.train[0].image_path == tmp_path / "pictures" / "a.png"
 
 
-def test_missing_sizes_come_from_the_file_and_a_big_set_names_its_first_bad_image(tmp_path: Path) -> None:
+def test_missing_sizes_come_from_the_file_and_a_big_set_names_its_first_bad_image(
+    tmp_path: Path,
+) -> None:
     images = [_img(i, f"f{i:02d}.png") for i in range(20)]
     for image in images:
         _write_image(tmp_path / image["file_name"], 64, 48)
@@ -209,14 +237,24 @@ def test_missing_sizes_come_from_the_file_and_a_big_set_names_its_first_bad_imag
 
 
 def test_coco_category_ids_remap_in_sorted_order_keeping_names(tmp_path: Path) -> None:
-    categories = [{"id": 17, "name": "truck"}, {"id": 3, "name": "car"}, {"id": 1, "name": "person"}]
+    categories = [
+        {"id": 17, "name": "truck"},
+        {"id": 3, "name": "car"},
+        {"id": 1, "name": "person"},
+    ]
     images = [_img(5, "a.png"), _img(9, "b.png")]
-    annotations = [_ann(1, 5, [1, 2, 10, 10], 17), _ann(2, 5, [20, 2, 10, 10], 1), _ann(3, 9, [3, 3, 5, 6], 3),
-                   _ann(4, 9, [0, 0, 64, 48], 3, iscrowd=1)]
+    annotations = [
+        _ann(1, 5, [1, 2, 10, 10], 17),
+        _ann(2, 5, [20, 2, 10, 10], 1),
+        _ann(3, 9, [3, 3, 5, 6], 3),
+        _ann(4, 9, [0, 0, 64, 48], 3, iscrowd=1),
+    ]
     spec = load_dataset(_coco(tmp_path, images, annotations, categories), val_fraction=0.0)
     assert spec.class_names == ("person", "car", "truck")
     by_id = {s.image_id: s for s in spec.train}
-    assert by_id[5].labels.tolist() == [2, 0] and by_id[9].labels.tolist() == [1]  # the crowd box is skipped
+    assert by_id[5].labels.tolist() == [2, 0] and by_id[9].labels.tolist() == [
+        1
+    ]  # the crowd box is skipped
     np.testing.assert_allclose(by_id[9].boxes_xyxy, [[3, 3, 8, 9]])
     assert by_id[5].boxes_xyxy.dtype == np.float32 and by_id[5].labels.dtype == np.int64
     assert "1 iscrowd boxes skipped" in spec.description and "17->2" in spec.description
@@ -224,7 +262,28 @@ def test_coco_category_ids_remap_in_sorted_order_keeping_names(tmp_path: Path) -
 
 def test_coco_val_is_the_last_fraction_by_file_name_not_random(tmp_path: Path) -> None:
     names = [f"frame_{i:03d}.png" for i in range(20)]
-    order = [7, 3, 19, 0, 12, 5, 18, 1, 9, 14, 2, 11, 6, 16, 4, 10, 13, 8, 15, 17]  # ids not in name order
+    order = [
+        7,
+        3,
+        19,
+        0,
+        12,
+        5,
+        18,
+        1,
+        9,
+        14,
+        2,
+        11,
+        6,
+        16,
+        4,
+        10,
+        13,
+        8,
+        15,
+        17,
+    ]  # ids not in name order
     images = [_img(100 + k, names[i]) for k, i in enumerate(order)]
     spec = load_dataset(_coco(tmp_path, images, []), val_fraction=0.2)
     assert [s.image_path.name for s in spec.val] == names[16:]
@@ -236,8 +295,12 @@ def test_coco_val_is_the_last_fraction_by_file_name_not_random(tmp_path: Path) -
 
 def test_coco_separate_val_file_uses_the_same_categories(tmp_path: Path) -> None:
     categories = [{"id": 2, "name": "a"}, {"id": 8, "name": "b"}]
-    train = _coco(tmp_path, [_img(1, "t.png")], [_ann(1, 1, [1, 1, 5, 5], 8)], categories, name="train.json")
-    val = _coco(tmp_path, [_img(1, "v.png")], [_ann(1, 1, [2, 2, 5, 5], 2)], categories[:1], name="val.json")
+    train = _coco(
+        tmp_path, [_img(1, "t.png")], [_ann(1, 1, [1, 1, 5, 5], 8)], categories, name="train.json"
+    )
+    val = _coco(
+        tmp_path, [_img(1, "v.png")], [_ann(1, 1, [2, 2, 5, 5], 2)], categories[:1], name="val.json"
+    )
     spec = load_dataset(train, val_data=val)
     assert [s.image_path.name for s in spec.val] == ["v.png"] and spec.val[0].labels.tolist() == [0]
     assert spec.train[0].labels.tolist() == [1]
@@ -273,8 +336,16 @@ def test_yolo_data_yaml_round_trip_matches_the_coco_set(tmp_path: Path) -> None:
     root = tmp_path / "yolo"
     _write_yolo_from(coco.train, coco.class_names, root, "train")
     _write_yolo_from(coco.val, coco.class_names, root, "val")
-    (root / "data.yaml").write_text(yaml.safe_dump(
-        {"path": ".", "train": "images/train", "val": "images/val", "names": dict(enumerate(coco.class_names))}))
+    (root / "data.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "path": ".",
+                "train": "images/train",
+                "val": "images/val",
+                "names": dict(enumerate(coco.class_names)),
+            }
+        )
+    )
     yolo = load_dataset(root / "data.yaml")
     assert yolo.class_names == coco.class_names == ("circle", "square", "triangle")
     for coco_split, yolo_split in ((coco.train, yolo.train), (coco.val, yolo.val)):
@@ -283,7 +354,9 @@ def test_yolo_data_yaml_round_trip_matches_the_coco_set(tmp_path: Path) -> None:
             assert (a.width, a.height) == (b.width, b.height)
             np.testing.assert_array_equal(a.labels, b.labels)
             np.testing.assert_allclose(a.boxes_xyxy, b.boxes_xyxy, atol=1e-3)
-    assert sum(len(s.labels) == 0 for s in yolo.train) == sum(len(s.labels) == 0 for s in coco.train)
+    assert sum(len(s.labels) == 0 for s in yolo.train) == sum(
+        len(s.labels) == 0 for s in coco.train
+    )
     ids = [s.image_id for s in (*yolo.train, *yolo.val)]
     assert len(set(ids)) == len(ids)
 
@@ -297,11 +370,20 @@ def test_yolo_image_lists_absolute_root_and_class_count(tmp_path: Path) -> None:
     (tmp_path / "set" / "val.txt").write_text(f"{tmp_path / 'set' / 'images' / 'c.png'}\n")
     path = tmp_path / "elsewhere" / "data.yaml"
     path.parent.mkdir()
-    content = {"path": str(tmp_path / "set"), "train": "train.txt", "val": "val.txt", "names": ["x", "y"]}
+    content = {
+        "path": str(tmp_path / "set"),
+        "train": "train.txt",
+        "val": "val.txt",
+        "names": ["x", "y"],
+    }
     path.write_text(yaml.safe_dump(content))
     spec = load_dataset(path)
-    assert [s.image_path.name for s in spec.train] == ["a.png", "b.png"] and spec.val[0].image_path.name == "c.png"
-    np.testing.assert_allclose(spec.train[1].boxes_xyxy, [[10, 7.5, 30, 22.5], [8, 4.5, 12, 10.5]], atol=1e-4)
+    assert [s.image_path.name for s in spec.train] == ["a.png", "b.png"] and spec.val[
+        0
+    ].image_path.name == "c.png"
+    np.testing.assert_allclose(
+        spec.train[1].boxes_xyxy, [[10, 7.5, 30, 22.5], [8, 4.5, 12, 10.5]], atol=1e-4
+    )
     assert spec.train[1].labels.tolist() == [1, 0] and len(spec.train[0].labels) == 0
     path.write_text(yaml.safe_dump({**content, "nc": 3}))
     with pytest.raises(DatasetError, match="nc=3"):
@@ -333,10 +415,15 @@ def rect_samples(tmp_path: Path):
         rects = [[x1 + i, y1, min(x2 + i, 128), y2] for x1, y1, x2, y2 in RECTS][: 5 - i]
         _write_image(tmp_path / f"r{i}.png", 128, 128, rects)
         images.append(_img(i + 1, f"r{i}.png", 128, 128))
-        annotations += [_ann(len(annotations) + 1, i + 1, [x1, y1, x2 - x1, y2 - y1]) for x1, y1, x2, y2 in rects]
+        annotations += [
+            _ann(len(annotations) + 1, i + 1, [x1, y1, x2 - x1, y2 - y1])
+            for x1, y1, x2, y2 in rects
+        ]
     _write_image(tmp_path / "r9.png", 128, 128)
     images.append(_img(10, "r9.png", 128, 128))
-    return load_dataset(_coco(tmp_path, images, annotations, make_files=False), val_fraction=0.0).train
+    return load_dataset(
+        _coco(tmp_path, images, annotations, make_files=False), val_fraction=0.0
+    ).train
 
 
 def _to_pixels(boxes_cxcywh: torch.Tensor, size: int) -> np.ndarray:
@@ -367,7 +454,9 @@ def test_augmented_boxes_stay_inside_and_cover_their_objects(rect_samples) -> No
             for x1, y1, x2, y2 in xyxy:
                 if x2 - x1 < 6 or y2 - y1 < 6:
                     continue  # too small after a 4x zoom-out to test its edges
-                inner = bright[int(np.ceil(y1)) + 2:int(y2) - 2, int(np.ceil(x1)) + 2:int(x2) - 2]
+                inner = bright[
+                    int(np.ceil(y1)) + 2 : int(y2) - 2, int(np.ceil(x1)) + 2 : int(x2) - 2
+                ]
                 assert inner.mean() > 0.97, (epoch, i, (x1, y1, x2, y2), inner.mean())
                 # Just outside each edge that is not on the picture border: background.
                 across = slice(int(x1) + 2, int(x2) - 2)
@@ -385,16 +474,22 @@ def test_augmented_boxes_stay_inside_and_cover_their_objects(rect_samples) -> No
                     assert ring.mean() < 0.05, (epoch, i, (x1, y1, x2, y2))
                 checked += 1
             ref_wh = plain[i][1]["boxes"][:, 2:]
-            changed += int(boxes.shape != plain[i][1]["boxes"].shape
-                           or not torch.allclose(boxes[:, 2:].sort(0).values, ref_wh.sort(0).values, atol=0.01))
+            changed += int(
+                boxes.shape != plain[i][1]["boxes"].shape
+                or not torch.allclose(boxes[:, 2:].sort(0).values, ref_wh.sort(0).values, atol=0.01)
+            )
     assert checked > 50 and changed > 5  # zoom-outs and crops happened and were checked
 
 
 def test_iou_crop_keeps_exactly_the_boxes_whose_centre_is_inside() -> None:
     crop_op = RandomIoUCrop(p=1.0)
-    bbox_params = A.BboxParams(format="pascal_voc", label_fields=["labels"], min_width=1, min_height=1, clip=True)
+    bbox_params = A.BboxParams(
+        format="pascal_voc", label_fields=["labels"], min_width=1, min_height=1, clip=True
+    )
     pipeline = A.Compose([crop_op], bbox_params=bbox_params)
-    corners = np.array([(x, y) for y in range(5, 200, 40) for x in range(5, 200, 40)], dtype=np.float32)
+    corners = np.array(
+        [(x, y) for y in range(5, 200, 40) for x in range(5, 200, 40)], dtype=np.float32
+    )
     boxes = np.concatenate([corners, corners + 24], axis=1)  # 25 boxes 24 px wide on a 5x5 grid
     labels = np.arange(len(boxes))
     image = np.zeros((200, 220, 3), np.uint8)
@@ -408,9 +503,16 @@ def test_iou_crop_keeps_exactly_the_boxes_whose_centre_is_inside() -> None:
         left, top, right, bottom = crop_op.params["crop"]
         assert out["image"].shape[:2] == (bottom - top, right - left)
         centres = (boxes[:, :2] + boxes[:, 2:]) / 2
-        inside = ((left < centres[:, 0]) & (centres[:, 0] < right) & (top < centres[:, 1]) & (centres[:, 1] < bottom))
+        inside = (
+            (left < centres[:, 0])
+            & (centres[:, 0] < right)
+            & (top < centres[:, 1])
+            & (centres[:, 1] < bottom)
+        )
         assert np.asarray(out["labels"]).tolist() == labels[inside].tolist()
-        expected = np.clip(boxes[inside] - [left, top, left, top], 0, [right - left, bottom - top] * 2)
+        expected = np.clip(
+            boxes[inside] - [left, top, left, top], 0, [right - left, bottom - top] * 2
+        )
         np.testing.assert_allclose(out["bboxes"], expected, atol=1e-3)
         crops += 1
     assert crops >= 20
@@ -450,12 +552,17 @@ def test_stop_epoch_switches_the_heavy_ops_off(rect_samples) -> None:
             image, _ = dataset[i]
             ref, _ = plain[i]
             mirror = ref.flip(-1)
-            same.append(torch.allclose(image, ref, atol=2 / 255) or torch.allclose(image, mirror, atol=2 / 255))
+            same.append(
+                torch.allclose(image, ref, atol=2 / 255)
+                or torch.allclose(image, mirror, atol=2 / 255)
+            )
         return same
 
     assert dataset.policy is AugmentPolicy.FULL
     heavy = [plain_or_mirror(e) for e in range(3)]
-    assert sum(not s for epoch in heavy for s in epoch) >= 5  # photometric / zoom / crop change pictures
+    assert (
+        sum(not s for epoch in heavy for s in epoch) >= 5
+    )  # photometric / zoom / crop change pictures
     for epoch in (3, 4, 7):
         assert all(plain_or_mirror(epoch)) and dataset.policy is AugmentPolicy.LATE
 
@@ -492,18 +599,29 @@ def _assert_same_batches(a, b) -> None:
 @pytest.fixture(scope="module")
 def synthetic_spec(tmp_path_factory):
     out = tmp_path_factory.mktemp("synthetic")
-    return load_dataset(make_synthetic_dataset(out, 26, num_classes=3, size=96, seed=1), val_fraction=0.0)
+    return load_dataset(
+        make_synthetic_dataset(out, 26, num_classes=3, size=96, seed=1), val_fraction=0.0
+    )
 
 
-def test_batches_do_not_depend_on_workers_and_skip_batches_continues_the_epoch(synthetic_spec) -> None:
+def test_batches_do_not_depend_on_workers_and_skip_batches_continues_the_epoch(
+    synthetic_spec,
+) -> None:
     dataset = DetectionDataset(synthetic_spec.train, 128, augment=True, seed=4, stop_epoch=10)
-    serial = _epoch_batches(make_loader(dataset, 4, workers=0, seed=4, epoch=1, shuffle=True, multiscale=True))
-    parallel = _epoch_batches(make_loader(dataset, 4, workers=2, seed=4, epoch=1, shuffle=True, multiscale=True))
+    serial = _epoch_batches(
+        make_loader(dataset, 4, workers=0, seed=4, epoch=1, shuffle=True, multiscale=True)
+    )
+    parallel = _epoch_batches(
+        make_loader(dataset, 4, workers=2, seed=4, epoch=1, shuffle=True, multiscale=True)
+    )
     assert len(serial) == 26 // 4
     _assert_same_batches(serial, parallel)
     assert len({b[0].shape[-1] for b in serial}) > 1  # multi-scale draws several sizes
-    resumed = _epoch_batches(make_loader(dataset, 4, workers=2, seed=4, epoch=1, shuffle=True,
-                                         skip_batches=4, multiscale=True))
+    resumed = _epoch_batches(
+        make_loader(
+            dataset, 4, workers=2, seed=4, epoch=1, shuffle=True, skip_batches=4, multiscale=True
+        )
+    )
     _assert_same_batches(serial[4:], resumed)
     # Another epoch: another order and other augmentations.
     other = _epoch_batches(make_loader(dataset, 4, workers=0, seed=4, epoch=2, shuffle=True))
@@ -526,8 +644,13 @@ for workers in (0, 2):  # OpenCV's pool runs in this process first, then workers
 def test_workers_fork_safely_after_the_main_process_augmented(tmp_path: Path) -> None:
     # A worker that reconfigures OpenCV's threads after the fork hangs forever: run it aside.
     path = make_synthetic_dataset(tmp_path, 32, size=320, seed=2)
-    result = subprocess.run([sys.executable, "-c", FORK_CHECK, str(path)], capture_output=True, text=True,
-                            timeout=120, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-c", FORK_CHECK, str(path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
@@ -547,14 +670,22 @@ assert not calls, calls
 def test_importing_the_loader_asks_no_server_anything() -> None:
     # albumentations checks pypi.org for updates on import unless told not to.
     env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
-    result = subprocess.run([sys.executable, "-W", "ignore", "-c", NETWORK_SPY], capture_output=True, text=True,
-                            timeout=120, env=env, cwd=Path(__file__).resolve().parents[1])
+    result = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", NETWORK_SPY],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_unshuffled_loader_keeps_every_sample_in_order(synthetic_spec) -> None:
     dataset = DetectionDataset(synthetic_spec.train, 64, augment=False)
-    batches = _epoch_batches(make_loader(dataset, 8, workers=0, seed=0, epoch=0, shuffle=False, drop_last=False))
+    batches = _epoch_batches(
+        make_loader(dataset, 8, workers=0, seed=0, epoch=0, shuffle=False, drop_last=False)
+    )
     ids = [int(t["image_id"]) for _, targets in batches for t in targets]
     assert ids == [s.image_id for s in synthetic_spec.train]
     assert [b[0].shape for b in batches][-1] == (26 % 8, 3, 64, 64)
@@ -563,13 +694,29 @@ def test_unshuffled_loader_keeps_every_sample_in_order(synthetic_spec) -> None:
 
 
 def test_multiscale_sizes_are_the_official_list_at_640() -> None:
-    assert multiscale_sizes(640) == (480, 512, 544, 576, 608, 672, 704, 736, 768, 800, 640, 640, 640)
+    assert multiscale_sizes(640) == (
+        480,
+        512,
+        544,
+        576,
+        608,
+        672,
+        704,
+        736,
+        768,
+        800,
+        640,
+        640,
+        640,
+    )
     assert all(s % 32 == 0 for s in multiscale_sizes(320))
 
 
 def test_collate_stacks_images_and_keeps_targets() -> None:
-    items = [(torch.zeros(3, 32, 32), {"labels": torch.zeros(0, dtype=torch.int64)}),
-             (torch.ones(3, 32, 32), {"labels": torch.ones(2, dtype=torch.int64)})]
+    items = [
+        (torch.zeros(3, 32, 32), {"labels": torch.zeros(0, dtype=torch.int64)}),
+        (torch.ones(3, 32, 32), {"labels": torch.ones(2, dtype=torch.int64)}),
+    ]
     images, targets = collate_batch(items)
     assert images.shape == (2, 3, 32, 32) and float(images[1].mean()) == 1.0
     assert [t["labels"].tolist() for t in targets] == [[], [1, 1]]
@@ -596,12 +743,21 @@ def test_to_coco_ground_truth_scores_map_one_against_itself(synthetic_spec) -> N
         evaluator.summarize()
         return float(evaluator.stats[0])
 
-    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 1.0}
-               for a in gt_dict["annotations"]]
+    perfect = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 1.0,
+        }
+        for a in gt_dict["annotations"]
+    ]
     assert evaluate(perfect) == pytest.approx(1.0)
     # A real evaluator notices half the boxes shifted by half their width.
-    shifted = [dict(d, bbox=[d["bbox"][0] + d["bbox"][2] / 2, *d["bbox"][1:]]) if k % 2 else d
-               for k, d in enumerate(perfect)]
+    shifted = [
+        dict(d, bbox=[d["bbox"][0] + d["bbox"][2] / 2, *d["bbox"][1:]]) if k % 2 else d
+        for k, d in enumerate(perfect)
+    ]
     assert evaluate(shifted) < 0.8
 
 
@@ -631,7 +787,12 @@ def test_synthetic_set_is_valid_remapped_and_reproducible(tmp_path: Path) -> Non
 
 
 def test_synthetic_cli(tmp_path: Path, capsys) -> None:
-    assert synthetic_main(["--out", str(tmp_path / "s"), "--images", "5", "--classes", "2", "--size", "64"]) == 0
+    assert (
+        synthetic_main(
+            ["--out", str(tmp_path / "s"), "--images", "5", "--classes", "2", "--size", "64"]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == str(tmp_path / "s" / "annotations.json")
     assert len(load_dataset(tmp_path / "s" / "annotations.json", val_fraction=0).train) == 5
     assert synthetic_main(["--out", str(tmp_path / "t"), "--classes", "9"]) == 2

@@ -35,7 +35,9 @@ checkpoint: {every_steps: 1, every_s: 0}
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from dfine.train.synthetic import make_synthetic_dataset
 
-    return make_synthetic_dataset(tmp_path_factory.mktemp("syn4"), 4, num_classes=3, size=256, seed=3)
+    return make_synthetic_dataset(
+        tmp_path_factory.mktemp("syn4"), 4, num_classes=3, size=256, seed=3
+    )
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +50,23 @@ def config(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _train(config: Path, data: Path, out: Path, *extra: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     return subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "train", str(config), "--data", str(data), "--out", str(out),
-         "--no-progress", *extra],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "pipeline.cli",
+            "train",
+            str(config),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--no-progress",
+            *extra,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
         start_new_session=True,  # its own process group, as a terminal's Ctrl-C sees it
     )
 
@@ -63,13 +79,17 @@ def _losses(out: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def _wait_for_step(proc: subprocess.Popen[bytes], out: Path, steps: int, timeout_s: float = 240) -> None:
+def _wait_for_step(
+    proc: subprocess.Popen[bytes], out: Path, steps: int, timeout_s: float = 240
+) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
         if len(_losses(out)) >= steps and (out / "last.pth").exists():
             return
         if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}")
+            raise AssertionError(
+                f"run ended early ({proc.returncode}): {proc.stderr.read().decode()[-2000:]}"
+            )
         time.sleep(0.05)
     proc.kill()
     raise AssertionError("no training step within the timeout")
@@ -81,8 +101,9 @@ def _finish(proc: subprocess.Popen[bytes], timeout_s: float = 300) -> tuple[int,
 
 
 @pytest.mark.slow
-def test_resume_after_sigkill_and_sigint_continues_the_loss_curve(tmp_path: Path, dataset: Path,
-                                                                  config: Path) -> None:
+def test_resume_after_sigkill_and_sigint_continues_the_loss_curve(
+    tmp_path: Path, dataset: Path, config: Path
+) -> None:
     import dfine
 
     whole = tmp_path / "whole"
@@ -116,12 +137,22 @@ def test_resume_after_sigkill_and_sigint_continues_the_loss_curve(tmp_path: Path
     assert [r["step"] for r in resumed] == [r["step"] for r in reference]
     for a, b in zip(reference, resumed):
         for key in a:
-            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), (a["step"], key)
+            assert float(b[key]) == pytest.approx(float(a[key]), rel=1e-4, abs=1e-6), (
+                a["step"],
+                key,
+            )
 
     ckpt = torch.load(broken / "last.pth", weights_only=True)
     assert ckpt["class_names"] == ["circle", "square", "triangle"]
     assert ckpt["finestream"]["step"] == 4 and ckpt["ema"]["updates"] == 4
-    assert {"model", "ema", "optimizer", "lr_scheduler", "lr_warmup_scheduler", "last_epoch"} <= set(ckpt)
+    assert {
+        "model",
+        "ema",
+        "optimizer",
+        "lr_scheduler",
+        "lr_warmup_scheduler",
+        "last_epoch",
+    } <= set(ckpt)
     model = dfine.build_model("n", num_classes=3)
     dfine.load_checkpoint(model, broken / "last.pth")  # strict
     whole_ema = torch.load(whole / "last.pth", weights_only=True)["ema"]["module"]
@@ -130,13 +161,20 @@ def test_resume_after_sigkill_and_sigint_continues_the_loss_curve(tmp_path: Path
 
 
 @pytest.mark.slow
-def test_nan_loss_stops_with_step_term_and_last_good_checkpoint(tmp_path: Path, dataset: Path) -> None:
+def test_nan_loss_stops_with_step_term_and_last_good_checkpoint(
+    tmp_path: Path, dataset: Path
+) -> None:
     from dfine.train.datasets import load_dataset
     from dfine.train.settings import CheckpointSettings, DataSettings, TrainSettings
     from dfine.train.trainer import NonFiniteLossError, Trainer
 
     settings = TrainSettings(
-        size="n", epochs=1, max_steps=2, device="cpu", val_every=0, out=tmp_path / "run",
+        size="n",
+        epochs=1,
+        max_steps=2,
+        device="cpu",
+        val_every=0,
+        out=tmp_path / "run",
         data=DataSettings(imgsz=256, batch=1, workers=0),
         checkpoint=CheckpointSettings(every_steps=1, every_s=0),
     )
@@ -165,9 +203,16 @@ def test_gradient_accumulation_takes_one_step_per_k_batches(tmp_path: Path, data
     from dfine.train.trainer import Trainer
 
     settings = TrainSettings(
-        size="n", epochs=1, max_steps=1, device="cpu", val_every=0, out=tmp_path / "run",
-        num_denoising=0, data=DataSettings(imgsz=256, batch=1, workers=0),
-        optim=OptimSettings(accumulate=2), checkpoint=CheckpointSettings(every_steps=0, every_s=0),
+        size="n",
+        epochs=1,
+        max_steps=1,
+        device="cpu",
+        val_every=0,
+        out=tmp_path / "run",
+        num_denoising=0,
+        data=DataSettings(imgsz=256, batch=1, workers=0),
+        optim=OptimSettings(accumulate=2),
+        checkpoint=CheckpointSettings(every_steps=0, every_s=0),
     )
     result = Trainer(settings, load_dataset(dataset, val_fraction=0.25)).fit()
     assert result.steps == 1

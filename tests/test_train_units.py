@@ -26,7 +26,9 @@ class Tiny(nn.Module):
 
     def __init__(self, num_classes: int = 3) -> None:
         super().__init__()
-        self.backbone = nn.ModuleDict({"conv": nn.Conv2d(3, 4, 3, bias=False), "bn": nn.BatchNorm2d(4)})
+        self.backbone = nn.ModuleDict(
+            {"conv": nn.Conv2d(3, 4, 3, bias=False), "bn": nn.BatchNorm2d(4)}
+        )
         self.encoder = nn.ModuleDict({"proj": nn.Linear(4, 4), "norm": nn.LayerNorm(4)})
         self.decoder = nn.ModuleDict({"enc_score_head": nn.Linear(4, num_classes)})
 
@@ -39,11 +41,17 @@ def dfine_n() -> nn.Module:
 
 
 def test_official_groups_on_dfine_n(dfine_n: nn.Module) -> None:
-    settings = OptimSettings(lr=8e-4, weight_decay=1e-4, param_groups=(
-        ParamGroupSettings(r"^(?=.*backbone)(?!.*norm|bn).*$", lr=4e-4),
-        ParamGroupSettings(r"^(?=.*backbone)(?=.*norm|bn).*$", lr=4e-4, weight_decay=0.0),
-        ParamGroupSettings(r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$", weight_decay=0.0),
-    ))
+    settings = OptimSettings(
+        lr=8e-4,
+        weight_decay=1e-4,
+        param_groups=(
+            ParamGroupSettings(r"^(?=.*backbone)(?!.*norm|bn).*$", lr=4e-4),
+            ParamGroupSettings(r"^(?=.*backbone)(?=.*norm|bn).*$", lr=4e-4, weight_decay=0.0),
+            ParamGroupSettings(
+                r"^(?=.*(?:encoder|decoder))(?=.*(?:norm|bn|bias)).*$", weight_decay=0.0
+            ),
+        ),
+    )
     opt = build_optimizer(dfine_n, settings)
     by_param = {id(p): g for g in opt.param_groups for p in g["params"]}
     names = {n: p for n, p in dfine_n.named_parameters() if p.requires_grad}
@@ -57,23 +65,38 @@ def test_official_groups_on_dfine_n(dfine_n: nn.Module) -> None:
             assert g["lr"] == pytest.approx(8e-4), name
         if not name.startswith("backbone.") and (name.endswith(".bias") or ".norm" in name):
             assert g["weight_decay"] == 0.0, name
-        if name.startswith(("encoder.", "decoder.")) and name.endswith(".weight") and "norm" not in name:
+        if (
+            name.startswith(("encoder.", "decoder."))
+            and name.endswith(".weight")
+            and "norm" not in name
+        ):
             assert g["weight_decay"] == pytest.approx(1e-4), name
     # The official regex quirk: backbone "bn" tensors do not match "norm", so they stay in the
     # first group (backbone lr, with decay), exactly as in the official configs.
-    assert by_param[id(names["backbone.stem.stem1.bn.weight"])]["weight_decay"] == pytest.approx(1e-4)
+    assert by_param[id(names["backbone.stem.stem1.bn.weight"])]["weight_decay"] == pytest.approx(
+        1e-4
+    )
 
 
 def test_overlapping_groups_are_refused() -> None:
-    settings = OptimSettings(param_groups=(ParamGroupSettings("backbone"), ParamGroupSettings("conv")))
+    settings = OptimSettings(
+        param_groups=(ParamGroupSettings("backbone"), ParamGroupSettings("conv"))
+    )
     with pytest.raises(ValueError, match="backbone.conv.weight.*matches both"):
         build_param_groups(Tiny(), settings)
 
 
 def test_warmup_then_flat_and_cosine() -> None:
     model = Tiny()
-    opt = build_optimizer(model, OptimSettings(lr=1e-3, warmup_steps=4, schedule=Schedule.FLAT,
-                                               param_groups=(ParamGroupSettings("backbone", lr=5e-4),)))
+    opt = build_optimizer(
+        model,
+        OptimSettings(
+            lr=1e-3,
+            warmup_steps=4,
+            schedule=Schedule.FLAT,
+            param_groups=(ParamGroupSettings("backbone", lr=5e-4),),
+        ),
+    )
     sched = LrSchedule(opt, OptimSettings(warmup_steps=4), total_steps=100)
     seen = []
     for _ in range(6):
@@ -84,8 +107,13 @@ def test_warmup_then_flat_and_cosine() -> None:
     assert [round(v[0], 9) for v in seen] == [1.25e-4, 2.5e-4, 3.75e-4, 5e-4, 5e-4, 5e-4]
 
     opt = build_optimizer(model, OptimSettings(lr=1e-3))
-    cos = LrSchedule(opt, OptimSettings(warmup_steps=0, schedule=Schedule.COSINE, flat_fraction=0.5,
-                                        min_lr_ratio=0.1), total_steps=100)
+    cos = LrSchedule(
+        opt,
+        OptimSettings(
+            warmup_steps=0, schedule=Schedule.COSINE, flat_fraction=0.5, min_lr_ratio=0.1
+        ),
+        total_steps=100,
+    )
     lrs = []
     for _ in range(101):
         lrs.append(cos.get_last_lr()[-1])
@@ -95,8 +123,11 @@ def test_warmup_then_flat_and_cosine() -> None:
     assert lrs[100] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs, lrs[1:]))
     # state round trip: a fresh schedule continues at the same lr
-    again = LrSchedule(build_optimizer(model, OptimSettings(lr=1e-3)),
-                       OptimSettings(warmup_steps=0, schedule=Schedule.COSINE, min_lr_ratio=0.1), 100)
+    again = LrSchedule(
+        build_optimizer(model, OptimSettings(lr=1e-3)),
+        OptimSettings(warmup_steps=0, schedule=Schedule.COSINE, min_lr_ratio=0.1),
+        100,
+    )
     state = {"last_step": 75}
     again.load_state_dict({**cos.state_dict(), **state})
     assert again.get_last_lr()[-1] == pytest.approx(lrs[75])
@@ -154,8 +185,9 @@ def test_rng_state_round_trip_is_weights_only_loadable(tmp_path: Path) -> None:
     assert torch.equal(a[0], b[0]) and np.array_equal(a[1], b[1]) and a[2] == b[2]
 
 
-def test_from_checkpoint_with_another_class_count(tmp_path: Path, dfine_n: nn.Module,
-                                                  caplog: pytest.LogCaptureFixture) -> None:
+def test_from_checkpoint_with_another_class_count(
+    tmp_path: Path, dfine_n: nn.Module, caplog: pytest.LogCaptureFixture
+) -> None:
     import logging
 
     import dfine
@@ -167,10 +199,15 @@ def test_from_checkpoint_with_another_class_count(tmp_path: Path, dfine_n: nn.Mo
         skipped = load_matching_weights(other, path)
     lines = [r.getMessage() for r in caplog.records if "--from" in r.getMessage()]
     assert len(lines) == 1 and "decoder.enc_score_head.weight" in lines[0], lines
-    heads = {k for k, v in other.state_dict().items() if k in dfine_n.state_dict()
-             and v.shape != dfine_n.state_dict()[k].shape}
+    heads = {
+        k
+        for k, v in other.state_dict().items()
+        if k in dfine_n.state_dict() and v.shape != dfine_n.state_dict()[k].shape
+    }
     assert set(skipped) == heads  # exactly the class-count tensors, nothing else
-    assert "decoder.denoising_class_embed.weight" in heads and "decoder.dec_score_head.2.bias" in heads
+    assert (
+        "decoder.denoising_class_embed.weight" in heads and "decoder.dec_score_head.2.bias" in heads
+    )
     own = other.state_dict()
     src = dfine_n.state_dict()
     for k in ("backbone.stem.stem1.conv.weight", "decoder.dec_bbox_head.0.layers.0.weight"):
@@ -183,24 +220,52 @@ def _gt(boxes_per_image: list[list[tuple[int, list[float]]]], names: list[str]) 
     for i, boxes in enumerate(boxes_per_image):
         images.append({"id": i + 10, "width": 320, "height": 240, "file_name": f"{i}.jpg"})
         for cat, (x, y, w, h) in boxes:
-            anns.append({"id": len(anns) + 1, "image_id": i + 10, "category_id": cat + 1,
-                         "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
-    return {"images": images, "annotations": anns,
-            "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)]}
+            anns.append(
+                {
+                    "id": len(anns) + 1,
+                    "image_id": i + 10,
+                    "category_id": cat + 1,
+                    "bbox": [x, y, w, h],
+                    "area": w * h,
+                    "iscrowd": 0,
+                }
+            )
+    return {
+        "images": images,
+        "annotations": anns,
+        "categories": [{"id": k + 1, "name": n} for k, n in enumerate(names)],
+    }
 
 
 def test_perfect_predictions_give_map_one_and_json_shape() -> None:
     names = ["circle", "square", "triangle"]
-    gt = _gt([[(0, [10, 10, 50, 40]), (1, [100, 60, 80, 80])], [(2, [5, 5, 30, 30]), (0, [200, 100, 60, 90])]], names)
-    perfect = [{"image_id": a["image_id"], "category_id": a["category_id"], "bbox": a["bbox"], "score": 0.9}
-               for a in gt["annotations"]]
+    gt = _gt(
+        [
+            [(0, [10, 10, 50, 40]), (1, [100, 60, 80, 80])],
+            [(2, [5, 5, 30, 30]), (0, [200, 100, 60, 90])],
+        ],
+        names,
+    )
+    perfect = [
+        {
+            "image_id": a["image_id"],
+            "category_id": a["category_id"],
+            "bbox": a["bbox"],
+            "score": 0.9,
+        }
+        for a in gt["annotations"]
+    ]
     result = coco_map(gt, perfect, names)
     assert result.map50_95 == pytest.approx(1.0) and result.map50 == pytest.approx(1.0)
     js = result.to_json()
     assert set(js) >= {"map50_95", "map50", "per_class"}
     assert set(js["per_class"]) == set(names)
-    assert js["per_class"]["circle"] == {"map50_95": pytest.approx(1.0), "map50": pytest.approx(1.0),
-                                         "images": 2, "instances": 2}
+    assert js["per_class"]["circle"] == {
+        "map50_95": pytest.approx(1.0),
+        "map50": pytest.approx(1.0),
+        "images": 2,
+        "instances": 2,
+    }
     table = result.format_table()
     assert "AP50:95" in table and "triangle" in table
 
@@ -255,11 +320,25 @@ def test_the_evaluation_path_scores_ground_truth_as_map_one(tmp_path: Path) -> N
 
     ann = make_synthetic_dataset(tmp_path / "syn", 5, num_classes=3, size=200, seed=4)
     spec = load_dataset(ann, val_fraction=0.0)
-    loader = make_loader(DetectionDataset(spec.train, 256, augment=False), 2, 0, seed=0, epoch=0,
-                         shuffle=False, drop_last=False)
+    loader = make_loader(
+        DetectionDataset(spec.train, 256, augment=False),
+        2,
+        0,
+        seed=0,
+        epoch=0,
+        shuffle=False,
+        drop_last=False,
+    )
     oracle = _Oracle([targets for _, targets in loader], len(spec.class_names))
-    result = evaluate_model(oracle, spec.train, list(spec.class_names), imgsz=256, batch=2, workers=0,
-                            device=torch.device("cpu"))
+    result = evaluate_model(
+        oracle,
+        spec.train,
+        list(spec.class_names),
+        imgsz=256,
+        batch=2,
+        workers=0,
+        device=torch.device("cpu"),
+    )
     assert result.instances > 0
     assert result.map50 == pytest.approx(1.0)
     assert result.map50_95 == pytest.approx(1.0)

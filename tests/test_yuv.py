@@ -13,14 +13,27 @@ from stages.decode import frame_to_rgb_u8
 from stages.sinks.yuv import rgb_to_yuv420p
 
 NIGHT_1080P = (
-    Path(__file__).resolve().parents[1].parent / "shared" / "media" / "pedestrians_night_street_1080p_mpeg4.mp4"
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "media"
+    / "pedestrians_night_street_1080p_mpeg4.mp4"
 )
 
 
 def _colour_chart() -> np.ndarray:
     """Flat 8x8 patches (so 4:2:0 chroma loses nothing) of saturated and grey colours."""
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255),
-               (255, 0, 255), (255, 255, 255), (0, 0, 0), (128, 128, 128), (200, 120, 40)]
+    colours = [
+        (255, 0, 0),
+        (0, 255, 0),
+        (0, 0, 255),
+        (255, 255, 0),
+        (0, 255, 255),
+        (255, 0, 255),
+        (255, 255, 255),
+        (0, 0, 0),
+        (128, 128, 128),
+        (200, 120, 40),
+    ]
     patches = [np.full((8, 8, 3), c, np.uint8) for c in colours]
     return np.concatenate(patches, axis=1)
 

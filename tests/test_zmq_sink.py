@@ -36,7 +36,9 @@ from stages.sinks.zmq_events import (
 CLASS_NAMES = ["person", "bicycle", "car"]
 
 
-def _packet(index: int, n_objects: int = 3, stream: str = "cam", tracked: bool = True) -> FramePacket:
+def _packet(
+    index: int, n_objects: int = 3, stream: str = "cam", tracked: bool = True
+) -> FramePacket:
     rng = np.random.default_rng(index)
     x1y1 = rng.uniform(0, 500, size=(n_objects, 2)).astype(np.float32)
     boxes = np.concatenate([x1y1, x1y1 + 40], axis=1)
@@ -101,16 +103,14 @@ def test_one_frame_message_per_packet_with_the_schema_fields() -> None:
     try:
         sub.sync(sink)
         packets = [_packet(i, n_objects=i % 4, tracked=i % 2 == 0) for i in range(40)]
-        started_event = (
-            track_started_event(
-                stream="cam",
-                frame=7,
-                pts_s=7 / 30,
-                track_id=1,
-                class_id=2,
-                box_xyxy=[1, 2, 3, 4],
-                class_names=CLASS_NAMES,
-            )
+        started_event = track_started_event(
+            stream="cam",
+            frame=7,
+            pts_s=7 / 30,
+            track_id=1,
+            class_id=2,
+            box_xyxy=[1, 2, 3, 4],
+            class_names=CLASS_NAMES,
         )
         for p in packets:
             if p.index == 7:  # the runner delivers an event before the frame it happened on
@@ -161,10 +161,18 @@ def test_events_go_out_as_published_under_their_own_stream(tmp_path: Path) -> No
     jsonl.setup()
     sub = _Subscriber(endpoint)
     events = [
-        source_lost_event(stream="yard", outage=2, frame=9, reason="read timeout",
-                          url="rtsp://u:secret@x/y"),
-        track_started_event(stream="gate", frame=3, pts_s=0.1, track_id=4, class_id=1,
-                            box_xyxy=[1, 2, 3, 4], class_names=CLASS_NAMES),
+        source_lost_event(
+            stream="yard", outage=2, frame=9, reason="read timeout", url="rtsp://u:secret@x/y"
+        ),
+        track_started_event(
+            stream="gate",
+            frame=3,
+            pts_s=0.1,
+            track_id=4,
+            class_id=1,
+            box_xyxy=[1, 2, 3, 4],
+            class_names=CLASS_NAMES,
+        ),
     ]
     try:
         sub.sync(sink)
@@ -275,7 +283,9 @@ def test_binding_a_taken_endpoint_fails_with_one_clear_line() -> None:
     first.setup()
     try:
         second = ZmqEventSink(ZmqSinkConfig(endpoint=endpoint), CLASS_NAMES)
-        with pytest.raises(EventSinkError, match=r"cannot bind .*127\.0\.0\.1.*another endpoint") as info:
+        with pytest.raises(
+            EventSinkError, match=r"cannot bind .*127\.0\.0\.1.*another endpoint"
+        ) as info:
             second.setup()
         assert "\n" not in str(info.value)
     finally:
@@ -286,7 +296,9 @@ def test_connect_mode_publishes_to_a_bound_listener() -> None:
     endpoint = _endpoint()
     out = io.StringIO()
     listener = threading.Thread(
-        target=listen, args=(endpoint,), kwargs={"count": 1, "timeout_s": 20, "out": out, "bind": True}
+        target=listen,
+        args=(endpoint,),
+        kwargs={"count": 1, "timeout_s": 20, "out": out, "bind": True},
     )
     listener.start()
     sink = ZmqEventSink(ZmqSinkConfig(endpoint=endpoint, mode=EndpointMode.CONNECT), CLASS_NAMES)
@@ -330,7 +342,9 @@ def test_decode_refuses_other_versions_and_bad_json() -> None:
 
 
 def test_passwords_never_reach_events() -> None:
-    assert redact_url("rtsp://admin:secret@10.0.0.5:554/live") == "rtsp://admin:***@10.0.0.5:554/live"
+    assert (
+        redact_url("rtsp://admin:secret@10.0.0.5:554/live") == "rtsp://admin:***@10.0.0.5:554/live"
+    )
     assert redact_url("rtsp://10.0.0.5/live") == "rtsp://10.0.0.5/live"
     event = source_lost_event(
         stream="a", outage=1, frame=None, reason="r", url="rtsp://admin:secret@cam/live"
@@ -343,5 +357,3 @@ def _rss_bytes() -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise AssertionError("VmRSS not found")
-
-

@@ -267,7 +267,9 @@ def build_engine(
         logger.info("TensorRT: %d layers kept in FP32 (normalization, softmax)", len(kept))
 
     cache_path = Path(timing_cache_path) if timing_cache_path is not None else None
-    cache_bytes = cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    cache_bytes = (
+        cache_path.read_bytes() if cache_path is not None and cache_path.is_file() else b""
+    )
     cache = config.create_timing_cache(cache_bytes)
     # ignore_mismatch=False: a cache from another GPU or TensorRT version is refused, not used.
     if not config.set_timing_cache(cache, ignore_mismatch=False):

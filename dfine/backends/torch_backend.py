@@ -69,7 +69,9 @@ class TorchBackend:
     ) -> None:
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r} asked for but torch sees no CUDA GPU; use 'cpu'")
+            raise ValueError(
+                f"device {str(device)!r} asked for but torch sees no CUDA GPU; use 'cpu'"
+            )
         if self.device.type not in ("cpu", "cuda"):
             raise ValueError(f"device must be 'cpu' or 'cuda[:i]', got {str(device)!r}")
         if (fp16 or cuda_graphs) and self.device.type != "cuda":

@@ -88,7 +88,12 @@ class PhotometricDistort(A.ImageOnlyTransform):
         p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
-        self.brightness, self.contrast, self.saturation, self.hue = brightness, contrast, saturation, hue
+        self.brightness, self.contrast, self.saturation, self.hue = (
+            brightness,
+            contrast,
+            saturation,
+            hue,
+        )
         self.op_p = op_p
 
     def get_params(self) -> dict[str, Any]:
@@ -103,12 +108,26 @@ class PhotometricDistort(A.ImageOnlyTransform):
         saturation = factor(self.saturation)
         hue = factor(self.hue)
         permutation = self.random_generator.permutation(3) if rand.random() < self.op_p else None
-        return {"brightness": brightness, "contrast": contrast, "contrast_before": contrast_before,
-                "saturation": saturation, "hue": hue, "permutation": permutation}
+        return {
+            "brightness": brightness,
+            "contrast": contrast,
+            "contrast_before": contrast_before,
+            "saturation": saturation,
+            "hue": hue,
+            "permutation": permutation,
+        }
 
-    def apply(self, img: np.ndarray, brightness: float | None, contrast: float | None,
-              contrast_before: bool, saturation: float | None, hue: float | None,
-              permutation: np.ndarray | None, **params: Any) -> np.ndarray:
+    def apply(
+        self,
+        img: np.ndarray,
+        brightness: float | None,
+        contrast: float | None,
+        contrast_before: bool,
+        saturation: float | None,
+        hue: float | None,
+        permutation: np.ndarray | None,
+        **params: Any,
+    ) -> np.ndarray:
         if brightness is not None:
             img = fpixel.adjust_brightness_torchvision(img, brightness)
         if contrast is not None and contrast_before:
@@ -134,13 +153,17 @@ class RandomZoomOut(A.DualTransform):
     top-left corner is uniform over the free space. Boxes keep their pixel size.
     """
 
-    def __init__(self, side_range: tuple[float, float] = (1.0, 4.0), fill: int = 0, p: float = 0.5) -> None:
+    def __init__(
+        self, side_range: tuple[float, float] = (1.0, 4.0), fill: int = 0, p: float = 0.5
+    ) -> None:
         super().__init__(p=p)
         if not 1.0 <= side_range[0] <= side_range[1]:
             raise ValueError(f"side_range={side_range}: need 1 <= low <= high")
         self.side_range, self.fill_value = side_range, fill
 
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
         height, width = params["shape"][:2]
         ratio = self.py_random.uniform(*self.side_range)
         canvas_w, canvas_h = int(width * ratio), int(height * ratio)
@@ -148,15 +171,17 @@ class RandomZoomOut(A.DualTransform):
         top = int((canvas_h - height) * self.py_random.random())
         return {"left": left, "top": top, "canvas_w": canvas_w, "canvas_h": canvas_h}
 
-    def apply(self, img: np.ndarray, left: int, top: int, canvas_w: int, canvas_h: int,
-              **params: Any) -> np.ndarray:
+    def apply(
+        self, img: np.ndarray, left: int, top: int, canvas_w: int, canvas_h: int, **params: Any
+    ) -> np.ndarray:
         height, width = img.shape[:2]
         canvas = np.full((canvas_h, canvas_w, *img.shape[2:]), self.fill_value, dtype=img.dtype)
-        canvas[top:top + height, left:left + width] = img
+        canvas[top : top + height, left : left + width] = img
         return canvas
 
-    def apply_to_bboxes(self, bboxes: np.ndarray, left: int, top: int, canvas_w: int, canvas_h: int,
-                        **params: Any) -> np.ndarray:
+    def apply_to_bboxes(
+        self, bboxes: np.ndarray, left: int, top: int, canvas_w: int, canvas_h: int, **params: Any
+    ) -> np.ndarray:
         # Albumentations boxes are normalised to the current picture: re-normalise to the canvas.
         height, width = params["shape"][:2]
         out = bboxes.copy()
@@ -183,8 +208,15 @@ class RandomIoUCrop(A.DualTransform):
     cannot crop one either: no trial can succeed, so only the "keep" option ends the loop).
     """
 
-    def __init__(self, min_scale: float = 0.3, max_scale: float = 1.0, min_aspect: float = 0.5,
-                 max_aspect: float = 2.0, trials: int = 40, p: float = 0.8) -> None:
+    def __init__(
+        self,
+        min_scale: float = 0.3,
+        max_scale: float = 1.0,
+        min_aspect: float = 0.5,
+        max_aspect: float = 2.0,
+        trials: int = 40,
+        p: float = 0.8,
+    ) -> None:
         super().__init__(p=p)
         self.min_scale, self.max_scale = min_scale, max_scale
         self.min_aspect, self.max_aspect = min_aspect, max_aspect
@@ -194,7 +226,9 @@ class RandomIoUCrop(A.DualTransform):
     def targets_as_params(self) -> list[str]:
         return ["bboxes"]
 
-    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+    def get_params_dependent_on_data(
+        self, params: dict[str, Any], data: dict[str, Any]
+    ) -> dict[str, Any]:
         height, width = params["shape"][:2]
         bboxes = np.asarray(data.get("bboxes", ()), dtype=np.float64)
         no_crop = {"crop": None}
@@ -204,7 +238,9 @@ class RandomIoUCrop(A.DualTransform):
         # Albumentations hands the boxes normalised in float32; back in pixels they are off by
         # ~1e-5 px, which would flip the strict "centre inside" test for a centre lying exactly on
         # a crop edge. torchvision compares in pixels: round the error away.
-        boxes = np.round(bboxes[:, :4] * np.array([width, height, width, height], dtype=np.float64), 3)
+        boxes = np.round(
+            bboxes[:, :4] * np.array([width, height, width, height], dtype=np.float64), 3
+        )
         centre_x = 0.5 * (boxes[:, 0] + boxes[:, 2])
         centre_y = 0.5 * (boxes[:, 1] + boxes[:, 3])
         # torchvision loops until an option succeeds; "keep" (1/7 per round) ends it for sure,
@@ -223,26 +259,41 @@ class RandomIoUCrop(A.DualTransform):
             right, bottom = left + new_w, top + new_h
             with np.errstate(divide="ignore", invalid="ignore"):
                 aspect = new_w / new_h
-            ok = (new_w > 0) & (new_h > 0) & (self.min_aspect <= aspect) & (aspect <= self.max_aspect)
+            ok = (
+                (new_w > 0)
+                & (new_h > 0)
+                & (self.min_aspect <= aspect)
+                & (aspect <= self.max_aspect)
+            )
             # (trials, boxes): which box centres lie strictly inside each candidate crop
-            inside = ((left[:, None] < centre_x) & (centre_x < right[:, None])
-                      & (top[:, None] < centre_y) & (centre_y < bottom[:, None]))
+            inside = (
+                (left[:, None] < centre_x)
+                & (centre_x < right[:, None])
+                & (top[:, None] < centre_y)
+                & (centre_y < bottom[:, None])
+            )
             ok &= inside.any(axis=1)
             iou = _iou_with_crops(boxes, np.stack([left, top, right, bottom], axis=1))
             ok &= np.where(inside, iou, -1.0).max(axis=1) >= min_iou
             if ok.any():
                 t = int(np.argmax(ok))
-                return {"crop": (int(left[t]), int(top[t]), int(right[t]), int(bottom[t])), "keep": inside[t]}
+                return {
+                    "crop": (int(left[t]), int(top[t]), int(right[t]), int(bottom[t])),
+                    "keep": inside[t],
+                }
         return no_crop
 
-    def apply(self, img: np.ndarray, crop: tuple[int, int, int, int] | None, **params: Any) -> np.ndarray:
+    def apply(
+        self, img: np.ndarray, crop: tuple[int, int, int, int] | None, **params: Any
+    ) -> np.ndarray:
         if crop is None:
             return img
         left, top, right, bottom = crop
         return np.ascontiguousarray(img[top:bottom, left:right])
 
-    def apply_to_bboxes(self, bboxes: np.ndarray, crop: tuple[int, int, int, int] | None,
-                        **params: Any) -> np.ndarray:
+    def apply_to_bboxes(
+        self, bboxes: np.ndarray, crop: tuple[int, int, int, int] | None, **params: Any
+    ) -> np.ndarray:
         if crop is None:
             return bboxes
         height, width = params["shape"][:2]
@@ -260,8 +311,12 @@ def _iou_with_crops(boxes_xyxy: np.ndarray, crops_xyxy: np.ndarray) -> np.ndarra
     """IoU ``(m, n)`` of ``m`` xyxy crops ``(m, 4)`` with ``n`` xyxy boxes ``(n, 4)`` (same pixels)."""
     crops = crops_xyxy.astype(np.float64)[:, None, :]
     boxes = boxes_xyxy[None, :, :]
-    inter_w = np.clip(np.minimum(boxes[..., 2], crops[..., 2]) - np.maximum(boxes[..., 0], crops[..., 0]), 0, None)
-    inter_h = np.clip(np.minimum(boxes[..., 3], crops[..., 3]) - np.maximum(boxes[..., 1], crops[..., 1]), 0, None)
+    inter_w = np.clip(
+        np.minimum(boxes[..., 2], crops[..., 2]) - np.maximum(boxes[..., 0], crops[..., 0]), 0, None
+    )
+    inter_h = np.clip(
+        np.minimum(boxes[..., 3], crops[..., 3]) - np.maximum(boxes[..., 1], crops[..., 1]), 0, None
+    )
     inter = inter_w * inter_h
     area_boxes = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])
     area_crops = (crops[..., 2] - crops[..., 0]) * (crops[..., 3] - crops[..., 1])
@@ -309,8 +364,14 @@ def build_transform(imgsz: int, policy: AugmentPolicy) -> A.Compose:
     if policy in (AugmentPolicy.FULL, AugmentPolicy.LATE):
         ops.append(A.HorizontalFlip(p=0.5))
     ops.append(ResizeAntialias(imgsz))
-    bbox_params = A.BboxParams(format="pascal_voc", label_fields=["labels"], min_width=1.0, min_height=1.0,
-                               clip=True, filter_invalid_bboxes=True)
+    bbox_params = A.BboxParams(
+        format="pascal_voc",
+        label_fields=["labels"],
+        min_width=1.0,
+        min_height=1.0,
+        clip=True,
+        filter_invalid_bboxes=True,
+    )
     return A.Compose(ops, bbox_params=bbox_params, p=1.0)
 
 
@@ -321,8 +382,11 @@ def reseed(pipeline: A.BaseCompose, seed: int) -> None:
     _share_generators(pipeline, numpy_rng, python_rng)
 
 
-def _share_generators(node: A.BasicTransform | A.BaseCompose, numpy_rng: np.random.Generator,
-                      python_rng: random.Random) -> None:
+def _share_generators(
+    node: A.BasicTransform | A.BaseCompose,
+    numpy_rng: np.random.Generator,
+    python_rng: random.Random,
+) -> None:
     node.random_generator = numpy_rng
     node.py_random = python_rng
     if isinstance(node, A.BaseCompose):

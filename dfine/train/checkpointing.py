@@ -84,10 +84,18 @@ def rng_state() -> dict[str, Any]:
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
-                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
-        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
-                   "gauss": gauss},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "python": {
+            "version": version,
+            "internal": torch.tensor(internal, dtype=torch.int64),
+            "gauss": gauss,
+        },
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -98,8 +106,15 @@ def set_rng_state(state: Mapping[str, Any]) -> None:
     """Restore what :func:`rng_state` saved."""
     torch.set_rng_state(state["torch"])
     npst = state["numpy"]
-    np.random.set_state((npst["kind"], npst["keys"].numpy().astype(np.uint32), npst["pos"],
-                         npst["has_gauss"], npst["cached_gaussian"]))
+    np.random.set_state(
+        (
+            npst["kind"],
+            npst["keys"].numpy().astype(np.uint32),
+            npst["pos"],
+            npst["has_gauss"],
+            npst["cached_gaussian"],
+        )
+    )
     py = state["python"]
     random.setstate((py["version"], tuple(int(v) for v in py["internal"].tolist()), py["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
@@ -147,16 +162,25 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"cannot resume: {path} does not exist (start without --resume, "
-                              "or point --out at the run folder that holds last.pth)")
+        raise CheckpointError(
+            f"cannot resume: {path} does not exist (start without --resume, "
+            "or point --out at the run folder that holds last.pth)"
+        )
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # arbitrary bytes fail with arbitrary errors, as in dfine.checkpoint
-        raise CheckpointError(f"cannot resume: {path} is not a readable checkpoint "
-                              f"({type(exc).__name__})") from exc
-    if not isinstance(checkpoint, dict) or "finestream" not in checkpoint or "optimizer" not in checkpoint:
-        raise CheckpointError(f"cannot resume from {path}: it is not a finestream training "
-                              "checkpoint (use --from to start from its weights instead)")
+        raise CheckpointError(
+            f"cannot resume: {path} is not a readable checkpoint ({type(exc).__name__})"
+        ) from exc
+    if (
+        not isinstance(checkpoint, dict)
+        or "finestream" not in checkpoint
+        or "optimizer" not in checkpoint
+    ):
+        raise CheckpointError(
+            f"cannot resume from {path}: it is not a finestream training "
+            "checkpoint (use --from to start from its weights instead)"
+        )
     return checkpoint
 
 
@@ -183,24 +207,34 @@ def load_matching_weights(model: nn.Module, path: Path) -> list[str]:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise CheckpointError(f"{source} is not a PyTorch checkpoint readable with weights_only=True "
-                              f"({type(exc).__name__})") from exc
+        raise CheckpointError(
+            f"{source} is not a PyTorch checkpoint readable with weights_only=True "
+            f"({type(exc).__name__})"
+        ) from exc
     state, entry = extract_state_dict(checkpoint, source)
     own = model.state_dict()
     theirs, mine = state_dict_signature(state), state_dict_signature(own)
     if theirs is not None and mine is not None and theirs.size_name() != mine.size_name():
-        raise CheckpointError(f"{source} holds {theirs.describe()}, but this run trains "
-                              f"{mine.describe()}; pass --size {theirs.size_name() or '?'} (or size: in the config)")
+        raise CheckpointError(
+            f"{source} holds {theirs.describe()}, but this run trains "
+            f"{mine.describe()}; pass --size {theirs.size_name() or '?'} (or size: in the config)"
+        )
     fitting = {k: v for k, v in state.items() if k in own and tuple(v.shape) == tuple(own[k].shape)}
     skipped = [k for k in own if k not in fitting]
     if not fitting:
-        raise CheckpointError(f"{source}: none of its '{entry}' tensors fits this model "
-                              "(is it a D-FINE checkpoint of this size?)")
+        raise CheckpointError(
+            f"{source}: none of its '{entry}' tensors fits this model "
+            "(is it a D-FINE checkpoint of this size?)"
+        )
     model.load_state_dict(fitting, strict=False)
     shown = [k for k in skipped if k not in _RESOLUTION_BUFFERS]
     logger.warning(
         "--from %s: loaded %d of %d tensors from '%s'; %d left as initialised%s",
-        path, len(fitting), len(own), entry, len(shown),
+        path,
+        len(fitting),
+        len(own),
+        entry,
+        len(shown),
         f": {', '.join(shown)}" if shown else "",
     )
     return skipped

@@ -106,16 +106,22 @@ def load_dataset(
     if not 0.0 <= val_fraction < 1.0:
         raise DatasetError(f"val_fraction={val_fraction}: must be in [0, 1), e.g. 0.1")
     if not data.is_file():
-        raise DatasetError(f"{data}: no such dataset file; pass a COCO annotations .json or a YOLO data.yaml")
+        raise DatasetError(
+            f"{data}: no such dataset file; pass a COCO annotations .json or a YOLO data.yaml"
+        )
     suffix = data.suffix.lower()
     if suffix == ".json":
         return _load_coco_dataset(data, images_dir, val_data, val_fraction)
     if suffix in (".yaml", ".yml"):
         if images_dir is not None or val_data is not None:
-            raise DatasetError(f"{data}: a YOLO data.yaml names its own image folders and val set; "
-                               "drop the images/val options")
+            raise DatasetError(
+                f"{data}: a YOLO data.yaml names its own image folders and val set; "
+                "drop the images/val options"
+            )
         return _load_yolo_dataset(data)
-    raise DatasetError(f"{data}: unknown dataset format {suffix!r}; pass a COCO annotations .json or a YOLO data.yaml")
+    raise DatasetError(
+        f"{data}: unknown dataset format {suffix!r}; pass a COCO annotations .json or a YOLO data.yaml"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -125,16 +131,20 @@ def load_dataset(
 def _read_image_size(path: Path, where: str) -> tuple[int, int]:
     """(width, height) of an image file, after Pillow's integrity check; ``where`` prefixes errors."""
     if not path.is_file():
-        raise DatasetError(f"{where}: image file {path} not found; add the file or fix its path "
-                           "(COCO: file_name is relative to the JSON's folder or to the images folder option)")
+        raise DatasetError(
+            f"{where}: image file {path} not found; add the file or fix its path "
+            "(COCO: file_name is relative to the JSON's folder or to the images folder option)"
+        )
     try:
         with Image.open(path) as image:
             size = image.size
             image.verify()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise DatasetError(f"{where}: image {path} is corrupt or not an image ({reason}); "
-                           "replace the file or remove it from the annotations") from None
+        raise DatasetError(
+            f"{where}: image {path} is corrupt or not an image ({reason}); "
+            "replace the file or remove it from the annotations"
+        ) from None
     return int(size[0]), int(size[1])
 
 
@@ -156,22 +166,31 @@ def _read_image_sizes(paths: Sequence[Path], wheres: Sequence[str]) -> list[tupl
         return list(pool.map(_read_image_size, paths, wheres))
 
 
-def _check_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int,
-               where: str) -> tuple[float, float, float, float]:
+def _check_box(
+    x1: float, y1: float, x2: float, y2: float, width: int, height: int, where: str
+) -> tuple[float, float, float, float]:
     """The box clipped to its image; refuses a non-positive size or an overhang beyond tolerance."""
     if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
-        raise DatasetError(f"{where}: box has a non-finite coordinate; fix or delete the annotation")
+        raise DatasetError(
+            f"{where}: box has a non-finite coordinate; fix or delete the annotation"
+        )
     if x2 <= x1 or y2 <= y1:
-        raise DatasetError(f"{where}: box has zero or negative size ({x2 - x1:g} x {y2 - y1:g} px); "
-                           "fix or delete the annotation")
+        raise DatasetError(
+            f"{where}: box has zero or negative size ({x2 - x1:g} x {y2 - y1:g} px); "
+            "fix or delete the annotation"
+        )
     tol = BOX_TOLERANCE_PX
     if x1 < -tol or y1 < -tol or x2 > width + tol or y2 > height + tol:
-        raise DatasetError(f"{where}: box xyxy [{x1:g}, {y1:g}, {x2:g}, {y2:g}] lies outside the "
-                           f"{width}x{height} image by more than {tol:g} px; fix the annotation or the image")
+        raise DatasetError(
+            f"{where}: box xyxy [{x1:g}, {y1:g}, {x2:g}, {y2:g}] lies outside the "
+            f"{width}x{height} image by more than {tol:g} px; fix the annotation or the image"
+        )
     x1, x2 = min(max(x1, 0.0), width), min(max(x2, 0.0), width)
     y1, y2 = min(max(y1, 0.0), height), min(max(y2, 0.0), height)
     if x2 <= x1 or y2 <= y1:
-        raise DatasetError(f"{where}: box has no area inside the {width}x{height} image; fix or delete the annotation")
+        raise DatasetError(
+            f"{where}: box has no area inside the {width}x{height} image; fix or delete the annotation"
+        )
     return x1, y1, x2, y2
 
 
@@ -183,7 +202,9 @@ def _labels_array(labels: list[int]) -> np.ndarray:
     return np.asarray(labels, dtype=np.int64).reshape(-1)
 
 
-def _split_last_by_name(samples: list[Sample], val_fraction: float) -> tuple[list[Sample], list[Sample]]:
+def _split_last_by_name(
+    samples: list[Sample], val_fraction: float
+) -> tuple[list[Sample], list[Sample]]:
     """Train = the first images by file name, val = the last ``val_fraction`` (at least one)."""
     ordered = sorted(samples, key=lambda s: str(s.image_path))
     if val_fraction <= 0.0 or len(ordered) < 2:
@@ -195,8 +216,10 @@ def _split_last_by_name(samples: list[Sample], val_fraction: float) -> tuple[lis
 def _describe_counts(train: Sequence[Sample], val: Sequence[Sample], num_classes: int) -> str:
     num_boxes = sum(len(s.labels) for s in train) + sum(len(s.labels) for s in val)
     negatives = sum(1 for s in (*train, *val) if len(s.labels) == 0)
-    return (f"{len(train)} train / {len(val)} val images, {num_classes} classes, "
-            f"{num_boxes} boxes, {negatives} images without boxes")
+    return (
+        f"{len(train)} train / {len(val)} val images, {num_classes} classes, "
+        f"{num_boxes} boxes, {negatives} images without boxes"
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,17 +230,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
-        raise DatasetError(f"{path}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
-                           "fix the file or export it again") from None
+        raise DatasetError(
+            f"{path}: malformed JSON ({exc.msg} at line {exc.lineno} column {exc.colno}); "
+            "fix the file or export it again"
+        ) from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise DatasetError(f"{path}: cannot read the file ({exc}); check its permissions and encoding") from None
+        raise DatasetError(
+            f"{path}: cannot read the file ({exc}); check its permissions and encoding"
+        ) from None
     if not isinstance(content, dict):
-        raise DatasetError(f"{path}: a COCO annotations file is a JSON object with 'images', "
-                           "'annotations' and 'categories'; this one is not an object")
+        raise DatasetError(
+            f"{path}: a COCO annotations file is a JSON object with 'images', "
+            "'annotations' and 'categories'; this one is not an object"
+        )
     return content
 
 
-def _coco_list(path: Path, content: dict[str, Any], key: str, required: bool) -> list[dict[str, Any]]:
+def _coco_list(
+    path: Path, content: dict[str, Any], key: str, required: bool
+) -> list[dict[str, Any]]:
     value = content.get(key)
     if value is None and not required:
         return []
@@ -226,10 +257,14 @@ def _coco_list(path: Path, content: dict[str, Any], key: str, required: bool) ->
     return value
 
 
-def _coco_field(path: Path, entry: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str) -> Any:
+def _coco_field(
+    path: Path, entry: dict[str, Any], key: str, kind: type | tuple[type, ...], what: str
+) -> Any:
     value = entry.get(key)
     if not isinstance(value, kind) or isinstance(value, bool):
-        raise DatasetError(f"{path}: {what} has no valid '{key}' (got {value!r}); fix the file (COCO format)")
+        raise DatasetError(
+            f"{path}: {what} has no valid '{key}' (got {value!r}); fix the file (COCO format)"
+        )
     return value
 
 
@@ -237,13 +272,17 @@ def _coco_categories(path: Path, content: dict[str, Any]) -> list[tuple[int, str
     """(COCO id, name) sorted by id: the contiguous label of a category is its position here."""
     categories = _coco_list(path, content, "categories", required=True)
     if not categories:
-        raise DatasetError(f"{path}: 'categories' is empty; list every class as {{\"id\": ..., \"name\": ...}}")
+        raise DatasetError(
+            f'{path}: \'categories\' is empty; list every class as {{"id": ..., "name": ...}}'
+        )
     pairs: dict[int, str] = {}
     for entry in categories:
         cat_id = _coco_field(path, entry, "id", int, "a category")
         name = _coco_field(path, entry, "name", str, f"category {cat_id}")
         if cat_id in pairs:
-            raise DatasetError(f"{path}: category id {cat_id} appears twice; give each category its own id")
+            raise DatasetError(
+                f"{path}: category id {cat_id} appears twice; give each category its own id"
+            )
         pairs[cat_id] = name
     return sorted(pairs.items())
 
@@ -262,10 +301,16 @@ def _coco_samples(
         image_id = _coco_field(path, entry, "id", int, "an image")
         file_name = _coco_field(path, entry, "file_name", str, f"image {image_id}")
         # width/height may be left out (the file's size is used); when given they must be right.
-        sizes = [None if entry.get(key) is None else _coco_field(path, entry, key, int, f"image {file_name!r}")
-                 for key in ("width", "height")]
+        sizes = [
+            None
+            if entry.get(key) is None
+            else _coco_field(path, entry, key, int, f"image {file_name!r}")
+            for key in ("width", "height")
+        ]
         if image_id in records:
-            raise DatasetError(f"{path}: image id {image_id} appears twice; give each image its own id")
+            raise DatasetError(
+                f"{path}: image id {image_id} appears twice; give each image its own id"
+            )
         records[image_id] = {"file_name": file_name, "json_size": sizes, "boxes": [], "labels": []}
 
     # The images first: boxes are checked against the real sizes.
@@ -274,14 +319,20 @@ def _coco_samples(
     for record, where, (real_w, real_h) in zip(records.values(), wheres, real_sizes):
         json_w, json_h = record["json_size"]
         if (json_w is not None and json_w != real_w) or (json_h is not None and json_h != real_h):
-            if (json_w, json_h) == (real_h, real_w) and _exif_turned(image_root / record["file_name"]):
+            if (json_w, json_h) == (real_h, real_w) and _exif_turned(
+                image_root / record["file_name"]
+            ):
                 # Annotation tools label the upright (EXIF-rotated) picture; the loader, like the
                 # official one, reads the stored pixels: the boxes would not fit the picture.
-                raise DatasetError(f"{where}: the JSON says {json_w}x{json_h} but the file stores "
-                                   f"{real_w}x{real_h} with an EXIF rotation; save the image upright "
-                                   "(e.g. PIL.ImageOps.exif_transpose) so pixels and boxes agree")
-            raise DatasetError(f"{where}: the JSON says {json_w}x{json_h} but the file is "
-                               f"{real_w}x{real_h}; fix width/height in the JSON (and its boxes) or the image")
+                raise DatasetError(
+                    f"{where}: the JSON says {json_w}x{json_h} but the file stores "
+                    f"{real_w}x{real_h} with an EXIF rotation; save the image upright "
+                    "(e.g. PIL.ImageOps.exif_transpose) so pixels and boxes agree"
+                )
+            raise DatasetError(
+                f"{where}: the JSON says {json_w}x{json_h} but the file is "
+                f"{real_w}x{real_h}; fix width/height in the JSON (and its boxes) or the image"
+            )
         record["width"], record["height"] = real_w, real_h
 
     skipped_crowd = 0
@@ -289,8 +340,10 @@ def _coco_samples(
         ann_id = entry.get("id", "?")
         image_id = entry.get("image_id")
         if not isinstance(image_id, int) or image_id not in records:
-            raise DatasetError(f"{path}: annotation {ann_id} refers to image id {image_id!r}, which is not in "
-                               "'images'; add the image or delete the annotation")
+            raise DatasetError(
+                f"{path}: annotation {ann_id} refers to image id {image_id!r}, which is not in "
+                "'images'; add the image or delete the annotation"
+            )
         record = records[image_id]
         where = f"{path}: image {record['file_name']!r}, annotation {ann_id}"
         if entry.get("iscrowd", 0) == 1:
@@ -300,28 +353,48 @@ def _coco_samples(
         if not isinstance(cat_id, int) or isinstance(cat_id, bool) or cat_id not in label_of:
             known = sorted(label_of)
             listed = ", ".join(map(str, known[:12])) + (", ..." if len(known) > 12 else "")
-            raise DatasetError(f"{where}: unknown category id {cat_id!r} (known: {listed}); "
-                               "add it to 'categories' or fix the annotation")
+            raise DatasetError(
+                f"{where}: unknown category id {cat_id!r} (known: {listed}); "
+                "add it to 'categories' or fix the annotation"
+            )
         bbox = entry.get("bbox")
-        if (not isinstance(bbox, list) or len(bbox) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-            raise DatasetError(f"{where}: 'bbox' must be [x, y, width, height] in pixels (got {bbox!r}); "
-                               "fix the annotation")
+        if (
+            not isinstance(bbox, list)
+            or len(bbox) != 4
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)
+        ):
+            raise DatasetError(
+                f"{where}: 'bbox' must be [x, y, width, height] in pixels (got {bbox!r}); "
+                "fix the annotation"
+            )
         x, y, w, h = (float(v) for v in bbox)
-        record["boxes"].append(_check_box(x, y, x + w, y + h, record["width"], record["height"], where))
+        record["boxes"].append(
+            _check_box(x, y, x + w, y + h, record["width"], record["height"], where)
+        )
         record["labels"].append(label_of[cat_id])
 
-    samples = [Sample(image_path=image_root / r["file_name"], width=r["width"], height=r["height"],
-                      boxes_xyxy=_boxes_array(r["boxes"]), labels=_labels_array(r["labels"]), image_id=image_id)
-               for image_id, r in records.items()]
+    samples = [
+        Sample(
+            image_path=image_root / r["file_name"],
+            width=r["width"],
+            height=r["height"],
+            boxes_xyxy=_boxes_array(r["boxes"]),
+            labels=_labels_array(r["labels"]),
+            image_id=image_id,
+        )
+        for image_id, r in records.items()
+    ]
     return samples, skipped_crowd
 
 
-def _load_coco_dataset(data: Path, images_dir: Path | None, val_data: Path | None,
-                       val_fraction: float) -> DatasetSpec:
+def _load_coco_dataset(
+    data: Path, images_dir: Path | None, val_data: Path | None, val_fraction: float
+) -> DatasetSpec:
     if images_dir is not None and not Path(images_dir).is_dir():
-        raise DatasetError(f"{images_dir}: images folder not found; "
-                           "pass the folder the JSON's file_name entries are in")
+        raise DatasetError(
+            f"{images_dir}: images folder not found; "
+            "pass the folder the JSON's file_name entries are in"
+        )
     content = _read_json(data)
     categories = _coco_categories(data, content)
     label_of = {cat_id: index for index, (cat_id, _) in enumerate(categories)}
@@ -338,8 +411,10 @@ def _load_coco_dataset(data: Path, images_dir: Path | None, val_data: Path | Non
         val_categories = _coco_categories(val_data, val_content)
         for cat_id, name in val_categories:
             if label_of.get(cat_id) is None or class_names[label_of[cat_id]] != name:
-                raise DatasetError(f"{val_data}: category {cat_id} {name!r} is not a category of {data}; "
-                                   "use the same 'categories' in both files")
+                raise DatasetError(
+                    f"{val_data}: category {cat_id} {name!r} is not a category of {data}; "
+                    "use the same 'categories' in both files"
+                )
         val_root = Path(images_dir) if images_dir is not None else val_data.parent
         val, val_crowd = _coco_samples(val_data, val_content, val_root, label_of)
         crowd += val_crowd
@@ -349,17 +424,27 @@ def _load_coco_dataset(data: Path, images_dir: Path | None, val_data: Path | Non
     else:
         train, val = _split_last_by_name(samples, val_fraction)
         if val:
-            notes.append(f"val = the last {len(val)} images by file name (val_fraction {val_fraction:g}, not random)")
+            notes.append(
+                f"val = the last {len(val)} images by file name (val_fraction {val_fraction:g}, not random)"
+            )
         else:
             notes.append("no val images")
     if crowd:
         notes.append(f"{crowd} iscrowd boxes skipped")
-    remap = "" if [c for c, _ in categories] == list(range(len(categories))) else (
-        "; category ids " + ", ".join(f"{c}->{i}" for i, (c, _) in enumerate(categories)))
-    description = (f"COCO {data.name}: {_describe_counts(train, val, len(class_names))}; "
-                   + "; ".join(notes) + remap)
+    remap = (
+        ""
+        if [c for c, _ in categories] == list(range(len(categories)))
+        else ("; category ids " + ", ".join(f"{c}->{i}" for i, (c, _) in enumerate(categories)))
+    )
+    description = (
+        f"COCO {data.name}: {_describe_counts(train, val, len(class_names))}; "
+        + "; ".join(notes)
+        + remap
+    )
     logger.info("dataset: %s", description)
-    return DatasetSpec(class_names=class_names, train=tuple(train), val=tuple(val), description=description)
+    return DatasetSpec(
+        class_names=class_names, train=tuple(train), val=tuple(val), description=description
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -373,13 +458,19 @@ def _yolo_names(path: Path, content: dict[str, Any]) -> tuple[str, ...]:
     elif isinstance(names, dict) and names:
         keys = sorted(names)
         if not all(isinstance(k, int) for k in keys) or keys != list(range(len(keys))):
-            raise DatasetError(f"{path}: 'names' keys must be the class indices 0..N-1 (got {keys}); renumber them")
+            raise DatasetError(
+                f"{path}: 'names' keys must be the class indices 0..N-1 (got {keys}); renumber them"
+            )
         result = tuple(str(names[k]) for k in keys)
     else:
-        raise DatasetError(f"{path}: 'names' must be a list of class names or a dict {{index: name}}; add it")
+        raise DatasetError(
+            f"{path}: 'names' must be a list of class names or a dict {{index: name}}; add it"
+        )
     nc = content.get("nc")
     if nc is not None and nc != len(result):
-        raise DatasetError(f"{path}: nc={nc} but 'names' lists {len(result)} classes; make them agree")
+        raise DatasetError(
+            f"{path}: nc={nc} but 'names' lists {len(result)} classes; make them agree"
+        )
     return result
 
 
@@ -387,12 +478,16 @@ def _yolo_images(path: Path, root: Path, entry: Any, key: str) -> list[Path]:
     """Image files of a ``train``/``val`` entry: folders (recursive), ``.txt`` lists, or a list of both."""
     entries = entry if isinstance(entry, list) else [entry]
     if not entries or not all(isinstance(e, str) for e in entries):
-        raise DatasetError(f"{path}: '{key}' must be a folder, a .txt list of images, or a list of them")
+        raise DatasetError(
+            f"{path}: '{key}' must be a folder, a .txt list of images, or a list of them"
+        )
     found: list[Path] = []
     for item in entries:
         location = Path(item) if Path(item).is_absolute() else root / item
         if location.is_dir():
-            found.extend(p for p in sorted(location.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+            found.extend(
+                p for p in sorted(location.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES
+            )
         elif location.is_file() and location.suffix.lower() == ".txt":
             for line in location.read_text(encoding="utf-8").splitlines():
                 line = line.strip()
@@ -402,8 +497,10 @@ def _yolo_images(path: Path, root: Path, entry: Any, key: str) -> list[Path]:
         elif location.is_file() and location.suffix.lower() in IMAGE_SUFFIXES:
             found.append(location)
         else:
-            raise DatasetError(f"{path}: '{key}' entry {item!r} ({location}) not found; fix the path "
-                               "(relative to 'path', which is relative to the YAML's folder)")
+            raise DatasetError(
+                f"{path}: '{key}' entry {item!r} ({location}) not found; fix the path "
+                "(relative to 'path', which is relative to the YAML's folder)"
+            )
     return found
 
 
@@ -421,8 +518,10 @@ def _yolo_sample(image: Path, size_wh: tuple[int, int], num_classes: int, image_
     width, height = size_wh
     label_path = _yolo_label_path(image)
     if label_path is None:
-        raise DatasetError(f"{image}: not inside an 'images' folder, so its labels cannot be found; "
-                           "put images in images/ and labels in labels/ beside it")
+        raise DatasetError(
+            f"{image}: not inside an 'images' folder, so its labels cannot be found; "
+            "put images in images/ and labels in labels/ beside it"
+        )
     boxes: list[tuple[float, float, float, float]] = []
     labels: list[int] = []
     if label_path.is_file():  # no label file: a negative, as Ultralytics treats it
@@ -432,21 +531,33 @@ def _yolo_sample(image: Path, size_wh: tuple[int, int], num_classes: int, image_
                 continue
             where = f"{label_path}:{number}"
             if len(fields) != 5:
-                raise DatasetError(f"{where}: {len(fields)} fields, expected 5 'cls cx cy w h' (normalised); "
-                                   "fix the line (segmentation polygons are not supported)")
+                raise DatasetError(
+                    f"{where}: {len(fields)} fields, expected 5 'cls cx cy w h' (normalised); "
+                    "fix the line (segmentation polygons are not supported)"
+                )
             try:
                 cls_f, cx, cy, w, h = (float(f) for f in fields)
             except ValueError:
-                raise DatasetError(f"{where}: non-numeric field in {line.strip()!r}; fix the line") from None
+                raise DatasetError(
+                    f"{where}: non-numeric field in {line.strip()!r}; fix the line"
+                ) from None
             if cls_f != int(cls_f) or not 0 <= int(cls_f) < num_classes:
-                raise DatasetError(f"{where}: unknown class {fields[0]} (data.yaml names {num_classes} classes, "
-                                   f"0..{num_classes - 1}); fix the line or add the class to 'names'")
+                raise DatasetError(
+                    f"{where}: unknown class {fields[0]} (data.yaml names {num_classes} classes, "
+                    f"0..{num_classes - 1}); fix the line or add the class to 'names'"
+                )
             x1, x2 = (cx - w / 2) * width, (cx + w / 2) * width
             y1, y2 = (cy - h / 2) * height, (cy + h / 2) * height
             boxes.append(_check_box(x1, y1, x2, y2, width, height, f"{where} (image {image.name})"))
             labels.append(int(cls_f))
-    return Sample(image_path=image, width=width, height=height, boxes_xyxy=_boxes_array(boxes),
-                  labels=_labels_array(labels), image_id=image_id)
+    return Sample(
+        image_path=image,
+        width=width,
+        height=height,
+        boxes_xyxy=_boxes_array(boxes),
+        labels=_labels_array(labels),
+        image_id=image_id,
+    )
 
 
 def _load_yolo_dataset(data: Path) -> DatasetSpec:
@@ -457,27 +568,40 @@ def _load_yolo_dataset(data: Path) -> DatasetSpec:
         at = f" at line {mark.line + 1}" if mark is not None else ""
         raise DatasetError(f"{data}: malformed YAML{at}; fix the file") from None
     if not isinstance(content, dict):
-        raise DatasetError(f"{data}: a YOLO data.yaml is a mapping with 'path', 'train', 'val' and 'names'")
+        raise DatasetError(
+            f"{data}: a YOLO data.yaml is a mapping with 'path', 'train', 'val' and 'names'"
+        )
     class_names = _yolo_names(data, content)
     root_entry = content.get("path")
     if root_entry is not None and not isinstance(root_entry, str):
         raise DatasetError(f"{data}: 'path' must be the dataset folder; fix it")
-    root = data.parent if root_entry is None else (
-        Path(root_entry) if Path(root_entry).is_absolute() else data.parent / root_entry)
+    root = (
+        data.parent
+        if root_entry is None
+        else (Path(root_entry) if Path(root_entry).is_absolute() else data.parent / root_entry)
+    )
     if "train" not in content:
         raise DatasetError(f"{data}: no 'train' entry; add the training images folder")
     train_images = _yolo_images(data, root, content["train"], "train")
     val_images = _yolo_images(data, root, content["val"], "val") if content.get("val") else []
     if not train_images:
-        raise DatasetError(f"{data}: no images found for 'train'; check the folder and the image suffixes")
-    sizes = _read_image_sizes([*train_images, *val_images], [str(p) for p in (*train_images, *val_images)])
+        raise DatasetError(
+            f"{data}: no images found for 'train'; check the folder and the image suffixes"
+        )
+    sizes = _read_image_sizes(
+        [*train_images, *val_images], [str(p) for p in (*train_images, *val_images)]
+    )
     train = [_yolo_sample(p, sizes[i], len(class_names), i) for i, p in enumerate(train_images)]
-    val = [_yolo_sample(p, sizes[len(train) + i], len(class_names), len(train) + i)
-           for i, p in enumerate(val_images)]
+    val = [
+        _yolo_sample(p, sizes[len(train) + i], len(class_names), len(train) + i)
+        for i, p in enumerate(val_images)
+    ]
     note = f"val from '{content['val']}'" if val else "no val images"
     description = f"YOLO {data.name}: {_describe_counts(train, val, len(class_names))}; {note}"
     logger.info("dataset: %s", description)
-    return DatasetSpec(class_names=class_names, train=tuple(train), val=tuple(val), description=description)
+    return DatasetSpec(
+        class_names=class_names, train=tuple(train), val=tuple(val), description=description
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -493,12 +617,25 @@ def to_coco_ground_truth(samples: Sequence[Sample], class_names: Sequence[str]) 
     images: list[dict[str, Any]] = []
     annotations: list[dict[str, Any]] = []
     for sample in samples:
-        images.append({"id": int(sample.image_id), "file_name": sample.image_path.name,
-                       "width": int(sample.width), "height": int(sample.height)})
+        images.append(
+            {
+                "id": int(sample.image_id),
+                "file_name": sample.image_path.name,
+                "width": int(sample.width),
+                "height": int(sample.height),
+            }
+        )
         for box, label in zip(sample.boxes_xyxy.tolist(), sample.labels.tolist()):
             x1, y1, x2, y2 = box
-            annotations.append({"id": len(annotations) + 1, "image_id": int(sample.image_id),
-                                "category_id": int(label), "bbox": [x1, y1, x2 - x1, y2 - y1],
-                                "area": (x2 - x1) * (y2 - y1), "iscrowd": 0})
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": int(sample.image_id),
+                    "category_id": int(label),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "area": (x2 - x1) * (y2 - y1),
+                    "iscrowd": 0,
+                }
+            )
     categories = [{"id": i, "name": name} for i, name in enumerate(class_names)]
     return {"images": images, "annotations": annotations, "categories": categories}

@@ -32,7 +32,9 @@ class ModelEma:
         start: optimiser steps to skip before the first update.
     """
 
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmups: int = 1000, start: int = 0) -> None:
+    def __init__(
+        self, model: nn.Module, decay: float = 0.9999, warmups: int = 1000, start: int = 0
+    ) -> None:
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)

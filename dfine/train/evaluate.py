@@ -60,8 +60,12 @@ class EvalResult:
             "images": self.images,
             "instances": self.instances,
             "per_class": {
-                c.name: {"map50_95": num(c.map50_95), "map50": num(c.map50),
-                         "images": c.images, "instances": c.instances}
+                c.name: {
+                    "map50_95": num(c.map50_95),
+                    "map50": num(c.map50),
+                    "images": c.images,
+                    "instances": c.instances,
+                }
                 for c in self.per_class
             },
         }
@@ -90,8 +94,10 @@ def category_ids_for(ground_truth: dict[str, Any], class_names: Sequence[str]) -
     by_name = {str(c["name"]): int(c["id"]) for c in ground_truth.get("categories", [])}
     missing = [n for n in class_names if n not in by_name]
     if missing:
-        raise ValueError(f"ground truth has no category named {missing[0]!r} "
-                         f"(its categories: {', '.join(sorted(by_name)) or 'none'})")
+        raise ValueError(
+            f"ground truth has no category named {missing[0]!r} "
+            f"(its categories: {', '.join(sorted(by_name)) or 'none'})"
+        )
     return [by_name[n] for n in class_names]
 
 
@@ -111,9 +117,12 @@ def coco_map(
 
     cat_ids = category_ids_for(ground_truth, class_names)
     annotations = [a for a in ground_truth.get("annotations", []) if not a.get("iscrowd", 0)]
-    images_per_cat = {cid: len({a["image_id"] for a in annotations if a["category_id"] == cid})
-                      for cid in cat_ids}
-    instances_per_cat = {cid: sum(1 for a in annotations if a["category_id"] == cid) for cid in cat_ids}
+    images_per_cat = {
+        cid: len({a["image_id"] for a in annotations if a["category_id"] == cid}) for cid in cat_ids
+    }
+    instances_per_cat = {
+        cid: sum(1 for a in annotations if a["category_id"] == cid) for cid in cat_ids
+    }
     n_images = len(ground_truth.get("images", []))
     n_instances = len(annotations)
 
@@ -121,8 +130,13 @@ def coco_map(
     if not annotations or not detections:
         score = nan if not annotations else 0.0
         per_class = tuple(
-            ClassMetrics(name, images_per_cat[cid], instances_per_cat[cid],
-                         0.0 if instances_per_cat[cid] else nan, 0.0 if instances_per_cat[cid] else nan)
+            ClassMetrics(
+                name,
+                images_per_cat[cid],
+                instances_per_cat[cid],
+                0.0 if instances_per_cat[cid] else nan,
+                0.0 if instances_per_cat[cid] else nan,
+            )
             for name, cid in zip(class_names, cat_ids)
         )
         return EvalResult(score, score, n_images, n_instances, per_class)
@@ -132,8 +146,12 @@ def coco_map(
     gt.setdefault("licenses", [])
     # faster-coco-eval (like pycocotools) needs an area and iscrowd per annotation.
     gt["annotations"] = [
-        {**a, "id": a.get("id", i + 1), "iscrowd": a.get("iscrowd", 0),
-         "area": a.get("area", float(a["bbox"][2]) * float(a["bbox"][3]))}
+        {
+            **a,
+            "id": a.get("id", i + 1),
+            "iscrowd": a.get("iscrowd", 0),
+            "area": a.get("area", float(a["bbox"][2]) * float(a["bbox"][3])),
+        }
         for i, a in enumerate(ground_truth["annotations"])
     ]
     with contextlib.redirect_stdout(io.StringIO()):  # the evaluator's own summary table
@@ -175,13 +193,21 @@ def to_coco_results(
     """
     out: list[dict[str, Any]] = []
     for b, image_id in enumerate(image_ids):
-        for label, box, score in zip(labels[b].tolist(), boxes_xyxy[b].tolist(), scores[b].tolist()):
+        for label, box, score in zip(
+            labels[b].tolist(), boxes_xyxy[b].tolist(), scores[b].tolist()
+        ):
             category = category_ids[int(label)]
             if category < 0:  # a class the ground truth does not have
                 continue
             x1, y1, x2, y2 = box
-            out.append({"image_id": int(image_id), "category_id": int(category),
-                        "bbox": [x1, y1, x2 - x1, y2 - y1], "score": float(score)})
+            out.append(
+                {
+                    "image_id": int(image_id),
+                    "category_id": int(category),
+                    "bbox": [x1, y1, x2 - x1, y2 - y1],
+                    "score": float(score),
+                }
+            )
     return out
 
 
@@ -207,22 +233,28 @@ def predict_batches(
     results: list[dict[str, Any]] = []
     for images, targets in batches:
         labels, boxes, scores = predictor(images, _orig_sizes(targets))
-        results += to_coco_results([_image_id(t["image_id"]) for t in targets],
-                                   labels, boxes, scores, category_ids)
+        results += to_coco_results(
+            [_image_id(t["image_id"]) for t in targets], labels, boxes, scores, category_ids
+        )
     return results
 
 
-def torch_predictor(model: nn.Module, num_classes: int, device: torch.device,
-                    amp_dtype: torch.dtype | None = None) -> Predictor:
+def torch_predictor(
+    model: nn.Module, num_classes: int, device: torch.device, amp_dtype: torch.dtype | None = None
+) -> Predictor:
     """A predictor over a torch D-FINE in eval mode (the top 300 detections per image)."""
     from dfine.postprocess import PostProcessor
 
     post = PostProcessor(num_classes=num_classes)
 
     @torch.no_grad()
-    def predict(images: torch.Tensor, orig_sizes_wh: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def predict(
+        images: torch.Tensor, orig_sizes_wh: torch.Tensor
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         images = images.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with torch.autocast(
+            device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+        ):
             outputs = model(images)
         outputs = {k: outputs[k].float() for k in ("pred_logits", "pred_boxes")}
         labels, boxes, scores = post(outputs, orig_sizes_wh.to(device))
@@ -247,7 +279,9 @@ def evaluate_model(
     model.eval()
     try:
         predictor = torch_predictor(model, len(class_names), device, amp_dtype)
-        return evaluate_predictor(predictor, samples, class_names, imgsz=imgsz, batch=batch, workers=workers)
+        return evaluate_predictor(
+            predictor, samples, class_names, imgsz=imgsz, batch=batch, workers=workers
+        )
     finally:
         model.train(was_training)
 

@@ -63,10 +63,18 @@ class DetectionDataset(torch.utils.data.Dataset):
     the IoU crop (the official ``stop_epoch`` policy); ``stop_epoch=None`` never drops them.
     """
 
-    def __init__(self, samples: Sequence[Sample], imgsz: int, augment: bool, seed: int = 0,
-                 stop_epoch: int | None = None) -> None:
+    def __init__(
+        self,
+        samples: Sequence[Sample],
+        imgsz: int,
+        augment: bool,
+        seed: int = 0,
+        stop_epoch: int | None = None,
+    ) -> None:
         if imgsz < 32 or imgsz % 32:
-            raise ValueError(f"imgsz={imgsz}: D-FINE needs a multiple of 32 pixels, e.g. 320 or 640")
+            raise ValueError(
+                f"imgsz={imgsz}: D-FINE needs a multiple of 32 pixels, e.g. 320 or 640"
+            )
         if seed < 0:
             raise ValueError(f"seed={seed}: must be a non-negative integer")
         self.samples = tuple(samples)
@@ -75,8 +83,12 @@ class DetectionDataset(torch.utils.data.Dataset):
         self.seed = seed
         self.stop_epoch = stop_epoch
         self.epoch = 0
-        self._pipelines = {policy: build_transform(imgsz, policy) for policy in
-                           ((AugmentPolicy.FULL, AugmentPolicy.LATE) if augment else (AugmentPolicy.EVAL,))}
+        self._pipelines = {
+            policy: build_transform(imgsz, policy)
+            for policy in (
+                (AugmentPolicy.FULL, AugmentPolicy.LATE) if augment else (AugmentPolicy.EVAL,)
+            )
+        }
 
     def set_epoch(self, epoch: int) -> None:
         """The epoch the next samples belong to (their randomness and the stop_epoch policy)."""
@@ -100,19 +112,25 @@ class DetectionDataset(torch.utils.data.Dataset):
         sample = self.samples[i]
         image = read_rgb(sample.image_path)
         if image.shape[:2] != (sample.height, sample.width):
-            raise DatasetError(f"{sample.image_path}: now {image.shape[1]}x{image.shape[0]}, validated as "
-                               f"{sample.width}x{sample.height}; the file changed during training, restart it")
+            raise DatasetError(
+                f"{sample.image_path}: now {image.shape[1]}x{image.shape[0]}, validated as "
+                f"{sample.width}x{sample.height}; the file changed during training, restart it"
+            )
         pipeline = self._pipelines[self.policy]
         reseed(pipeline, _derived_seed(self.seed, self.epoch, _SAMPLE_STREAM, i))
         out = pipeline(image=image, bboxes=sample.boxes_xyxy, labels=sample.labels)
         size = float(self.imgsz)
         boxes_xyxy = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4) / size
-        boxes_cxcywh = np.concatenate([(boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2,
-                                       boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]], axis=1)
+        boxes_cxcywh = np.concatenate(
+            [(boxes_xyxy[:, :2] + boxes_xyxy[:, 2:]) / 2, boxes_xyxy[:, 2:] - boxes_xyxy[:, :2]],
+            axis=1,
+        )
         # NumPy, not torch: torch's elementwise kernels use the intra-op thread pool, which in the
         # main process (workers=0) contends with the training step and was 20x slower here.
-        picture = torch.from_numpy(np.ascontiguousarray(out["image"].transpose(2, 0, 1)).astype(np.float32)
-                                   * np.float32(1.0 / 255.0))
+        picture = torch.from_numpy(
+            np.ascontiguousarray(out["image"].transpose(2, 0, 1)).astype(np.float32)
+            * np.float32(1.0 / 255.0)
+        )
         target = {
             "labels": torch.as_tensor(np.asarray(out["labels"], dtype=np.int64).reshape(-1)),
             "boxes": torch.from_numpy(np.ascontiguousarray(boxes_cxcywh, dtype=np.float32)),
@@ -122,8 +140,9 @@ class DetectionDataset(torch.utils.data.Dataset):
         return picture, target
 
 
-def collate_batch(batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]]
-                  ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+def collate_batch(
+    batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]],
+) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
     """Stack the images to float32 ``(B, 3, S, S)``; the targets stay a list of dicts."""
     return torch.stack([image for image, _ in batch]), [target for _, target in batch]
 
@@ -149,8 +168,9 @@ class MultiScaleCollate:
         self.sizes = tuple(sizes)
         self.seed, self.epoch = seed, epoch
 
-    def __call__(self, batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]]
-                 ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+    def __call__(
+        self, batch: Sequence[tuple[torch.Tensor, dict[str, torch.Tensor]]]
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
         images, targets = collate_batch(batch)
         ids = [int(t["image_id"]) % (1 << 32) for t in targets]
         rng = np.random.default_rng(_derived_seed(self.seed, self.epoch, _SCALE_STREAM, *ids))
@@ -165,8 +185,16 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     (or the plain order when not shuffling) cut into ``batch_size`` chunks, from batch
     ``skip_batches`` on."""
 
-    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, shuffle: bool,
-                 drop_last: bool, skip_batches: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        batch_size: int,
+        seed: int,
+        epoch: int,
+        shuffle: bool,
+        drop_last: bool,
+        skip_batches: int = 0,
+    ) -> None:
         self.num_samples, self.batch_size = num_samples, batch_size
         self.seed, self.epoch, self.shuffle = seed, epoch, shuffle
         self.drop_last, self.skip_batches = drop_last, skip_batches
@@ -185,7 +213,7 @@ class EpochBatchSampler(torch.utils.data.Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = self.order().tolist()
         for b in range(self.skip_batches, self.batches_per_epoch()):
-            yield order[b * self.batch_size:(b + 1) * self.batch_size]
+            yield order[b * self.batch_size : (b + 1) * self.batch_size]
 
     def __len__(self) -> int:
         return max(0, self.batches_per_epoch() - self.skip_batches)
@@ -201,9 +229,17 @@ def _worker_init(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def make_loader(dataset: DetectionDataset, batch_size: int, workers: int, seed: int, epoch: int,
-                shuffle: bool, skip_batches: int = 0, drop_last: bool = True,
-                multiscale: bool = False) -> torch.utils.data.DataLoader:
+def make_loader(
+    dataset: DetectionDataset,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool,
+    skip_batches: int = 0,
+    drop_last: bool = True,
+    multiscale: bool = False,
+) -> torch.utils.data.DataLoader:
     """A DataLoader for one epoch of ``dataset``, starting at batch ``skip_batches``.
 
     Yields ``(images float32 (B, 3, S, S), targets list of B dicts)`` (see
@@ -219,20 +255,35 @@ def make_loader(dataset: DetectionDataset, batch_size: int, workers: int, seed: 
         raise ValueError(f"seed={seed}, epoch={epoch}: both must be >= 0")
     sampler = EpochBatchSampler(len(dataset), batch_size, seed, epoch, shuffle, drop_last)
     if not 0 <= skip_batches <= sampler.batches_per_epoch():
-        raise ValueError(f"skip_batches={skip_batches}: the epoch has {sampler.batches_per_epoch()} batches")
+        raise ValueError(
+            f"skip_batches={skip_batches}: the epoch has {sampler.batches_per_epoch()} batches"
+        )
     if drop_last and sampler.batches_per_epoch() == 0:
-        raise ValueError(f"batch_size={batch_size} exceeds the {len(dataset)} samples, so drop_last leaves "
-                         "no batch; use a smaller batch")
+        raise ValueError(
+            f"batch_size={batch_size} exceeds the {len(dataset)} samples, so drop_last leaves "
+            "no batch; use a smaller batch"
+        )
     sampler.skip_batches = skip_batches
     dataset.set_epoch(epoch)
     collate = collate_batch
     if multiscale and (dataset.stop_epoch is None or epoch < dataset.stop_epoch):
         collate = MultiScaleCollate(multiscale_sizes(dataset.imgsz), seed, epoch)
-    logger.debug("epoch %d: batches %d..%d of %d, %s, %d workers, %s", epoch, skip_batches,
-                 sampler.batches_per_epoch(), sampler.batches_per_epoch(), dataset.policy.value, workers,
-                 "multi-scale" if collate is not collate_batch else "one scale")
+    logger.debug(
+        "epoch %d: batches %d..%d of %d, %s, %d workers, %s",
+        epoch,
+        skip_batches,
+        sampler.batches_per_epoch(),
+        sampler.batches_per_epoch(),
+        dataset.policy.value,
+        workers,
+        "multi-scale" if collate is not collate_batch else "one scale",
+    )
     return torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=workers, collate_fn=collate,
-        pin_memory=torch.cuda.is_available(), worker_init_fn=_worker_init if workers else None,
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        worker_init_fn=_worker_init if workers else None,
         persistent_workers=False,
     )

@@ -44,24 +44,36 @@ def build_param_groups(model: nn.Module, settings: OptimSettings) -> list[dict[s
         hits = [i for i, rx in enumerate(patterns) if rx.search(name)]
         if len(hits) > 1:
             both = " and ".join(repr(settings.param_groups[i].pattern) for i in hits[:2])
-            raise ValueError(f"optim.param_groups: parameter {name!r} matches both {both}; "
-                             "make the patterns exclusive")
+            raise ValueError(
+                f"optim.param_groups: parameter {name!r} matches both {both}; "
+                "make the patterns exclusive"
+            )
         (members[hits[0]] if hits else rest).append(param)
 
     groups: list[dict[str, Any]] = []
     for group, params in zip(settings.param_groups, members):
         if params:
-            groups.append({
-                "params": params,
-                "lr": settings.lr if group.lr is None else group.lr,
-                "weight_decay": settings.weight_decay if group.weight_decay is None else group.weight_decay,
-                "name": group.pattern,
-            })
+            groups.append(
+                {
+                    "params": params,
+                    "lr": settings.lr if group.lr is None else group.lr,
+                    "weight_decay": settings.weight_decay
+                    if group.weight_decay is None
+                    else group.weight_decay,
+                    "name": group.pattern,
+                }
+            )
         else:
             logger.info("parameter group %r matches no parameter", group.pattern)
     if rest:
-        groups.append({"params": rest, "lr": settings.lr, "weight_decay": settings.weight_decay,
-                       "name": "default"})
+        groups.append(
+            {
+                "params": rest,
+                "lr": settings.lr,
+                "weight_decay": settings.weight_decay,
+                "name": "default",
+            }
+        )
     return groups
 
 
@@ -70,8 +82,9 @@ def build_optimizer(model: nn.Module, settings: OptimSettings) -> torch.optim.Ad
     groups = build_param_groups(model, settings)
     betas = (float(settings.betas[0]), float(settings.betas[1]))
     # foreach: one fused kernel per group instead of one per tensor (430 tensors for N).
-    return torch.optim.AdamW(groups, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay,
-                             foreach=True)
+    return torch.optim.AdamW(
+        groups, lr=settings.lr, betas=betas, weight_decay=settings.weight_decay, foreach=True
+    )
 
 
 class LinearWarmup:
@@ -114,7 +127,9 @@ class LrSchedule:
         total_steps: optimiser steps of the whole run (the cosine's length).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, settings: OptimSettings, total_steps: int) -> None:
+    def __init__(
+        self, optimizer: torch.optim.Optimizer, settings: OptimSettings, total_steps: int
+    ) -> None:
         self.optimizer = optimizer
         self.warmup = LinearWarmup(settings.warmup_steps)
         self.schedule = settings.schedule
@@ -133,7 +148,9 @@ class LrSchedule:
         flat_steps = self.flat_fraction * self.total_steps
         span = max(1.0, self.total_steps - flat_steps)
         progress = min(1.0, max(0.0, (step - flat_steps) / span))
-        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * 0.5 * (
+            1.0 + math.cos(math.pi * progress)
+        )
 
     def factor(self, step: int) -> float:
         return self.warmup.factor(step) * self.curve(step)

@@ -21,7 +21,9 @@ class Schedule(str, enum.Enum):
     """The learning-rate curve after the linear warm-up."""
 
     FLAT = "flat"  # the official recipe: constant (MultiStepLR with a milestone never reached)
-    COSINE = "cosine"  # flat for ``flat_fraction`` of the steps, then cosine down to ``min_lr_ratio``
+    COSINE = (
+        "cosine"  # flat for ``flat_fraction`` of the steps, then cosine down to ``min_lr_ratio``
+    )
 
 
 class Amp(str, enum.Enum):
@@ -60,7 +62,9 @@ class ParamGroupSettings:
         try:
             re.compile(self.pattern)
         except re.error as exc:
-            raise ValueError(f"pattern {self.pattern!r} is not a regular expression ({exc})") from None
+            raise ValueError(
+                f"pattern {self.pattern!r} is not a regular expression ({exc})"
+            ) from None
         if self.lr is not None and self.lr < 0:
             raise ValueError(f"lr must be >= 0, got {self.lr}")
         if self.weight_decay is not None and self.weight_decay < 0:
@@ -119,7 +123,9 @@ class OptimSettings:
         if not 0.0 <= self.min_lr_ratio <= 1.0:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.clip_max_norm < 0:
-            raise ValueError(f"clip_max_norm must be >= 0 (0 turns clipping off), got {self.clip_max_norm}")
+            raise ValueError(
+                f"clip_max_norm must be >= 0 (0 turns clipping off), got {self.clip_max_norm}"
+            )
         if self.accumulate < 1:
             raise ValueError(f"accumulate must be >= 1, got {self.accumulate}")
 
@@ -252,5 +258,7 @@ class TrainSettings:
         if self.val_every < 0:
             raise ValueError(f"val_every must be >= 0, got {self.val_every}")
         if self.resume and self.init_from is not None:
-            raise ValueError("resume and init_from (--from) exclude each other: resume continues "
-                             "the run's own last.pth")
+            raise ValueError(
+                "resume and init_from (--from) exclude each other: resume continues "
+                "the run's own last.pth"
+            )

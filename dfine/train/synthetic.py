@@ -58,13 +58,17 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     else:  # sinusoidal stripes at a random angle and period
         angle = rng.uniform(0, np.pi)
         period = rng.uniform(0.03, 0.25)
-        phase = (np.float32(np.cos(angle)) * xx + np.float32(np.sin(angle)) * yy) * np.float32(2 * np.pi / period)
+        phase = (np.float32(np.cos(angle)) * xx + np.float32(np.sin(angle)) * yy) * np.float32(
+            2 * np.pi / period
+        )
         t = 0.5 + 0.5 * np.sin(phase)
     grain = rng.standard_normal((size, size), dtype=np.float32) * np.float32(rng.uniform(2, 14))
     t = np.broadcast_to(t, (size, size))
     # One plane per channel: NumPy broadcasting a length-3 last axis is ~10x slower.
-    planes = [np.clip(colour_a[c] + (colour_b[c] - colour_a[c]) * t + grain, 0, 255).astype(np.uint8)
-              for c in range(3)]
+    planes = [
+        np.clip(colour_a[c] + (colour_b[c] - colour_a[c]) * t + grain, 0, 255).astype(np.uint8)
+        for c in range(3)
+    ]
     return cv2.merge(planes)
 
 
@@ -90,11 +94,28 @@ def _shape_mask(shape: str, side: int, rng: np.random.Generator) -> np.ndarray:
             points = [(0, -1), (0.87, 0.5), (-0.87, 0.5)]
             scale, turn = 1.0, rng.uniform(-np.pi, np.pi)
         else:  # cross: two bars
-            points = [(-0.3, -1), (0.3, -1), (0.3, -0.3), (1, -0.3), (1, 0.3), (0.3, 0.3), (0.3, 1),
-                      (-0.3, 1), (-0.3, 0.3), (-1, 0.3), (-1, -0.3), (-0.3, -0.3)]
+            points = [
+                (-0.3, -1),
+                (0.3, -1),
+                (0.3, -0.3),
+                (1, -0.3),
+                (1, 0.3),
+                (0.3, 0.3),
+                (0.3, 1),
+                (-0.3, 1),
+                (-0.3, 0.3),
+                (-1, 0.3),
+                (-1, -0.3),
+                (-0.3, -0.3),
+            ]
             scale, turn = 1.0, rng.uniform(-0.4, 0.4)
         cos, sin = np.cos(turn), np.sin(turn)
-        pts = np.array([(c + r * scale * (x * cos - y * sin), c + r * scale * (x * sin + y * cos)) for x, y in points])
+        pts = np.array(
+            [
+                (c + r * scale * (x * cos - y * sin), c + r * scale * (x * sin + y * cos))
+                for x, y in points
+            ]
+        )
         pts = np.clip(pts, 0, side - 1)
         cv2.fillPoly(mask, [np.round(pts).astype(np.int32)], 1)
     return mask
@@ -109,8 +130,9 @@ def _object_colour(rng: np.random.Generator, background_rgb: np.ndarray) -> np.n
     return 255.0 - background_rgb
 
 
-def _draw_image(rng: np.random.Generator, size: int, num_classes: int, max_objects: int
-                ) -> tuple[np.ndarray, list[tuple[list[float], int]]]:
+def _draw_image(
+    rng: np.random.Generator, size: int, num_classes: int, max_objects: int
+) -> tuple[np.ndarray, list[tuple[list[float], int]]]:
     picture = _background(rng, size)
     if rng.random() < NEGATIVE_FRACTION:
         return picture, []
@@ -126,26 +148,38 @@ def _draw_image(rng: np.random.Generator, size: int, num_classes: int, max_objec
             side = int(np.exp(rng.uniform(np.log(SMALL_SIDE_PX[1]), np.log(size * 0.45))))
         side = min(side, size)
         x0, y0 = (int(v) for v in rng.integers(0, size - side + 1, 2))
-        if taken[y0:y0 + side, x0:x0 + side].any():
+        if taken[y0 : y0 + side, x0 : x0 + side].any():
             continue
         label = int(rng.integers(num_classes))
         mask = _shape_mask(SHAPES[label], side, rng).astype(bool)
         ys, xs = np.nonzero(mask)
         if len(xs) == 0:
             continue
-        region = picture[y0:y0 + side, x0:x0 + side]
+        region = picture[y0 : y0 + side, x0 : x0 + side]
         colour = _object_colour(rng, region.reshape(-1, 3).mean(axis=0))
         region[mask] = colour.astype(np.uint8)
         margin = 2
-        taken[max(0, y0 - margin):y0 + side + margin, max(0, x0 - margin):x0 + side + margin] = True
-        box_xywh = [float(x0 + xs.min()), float(y0 + ys.min()),
-                    float(xs.max() - xs.min() + 1), float(ys.max() - ys.min() + 1)]
+        taken[
+            max(0, y0 - margin) : y0 + side + margin, max(0, x0 - margin) : x0 + side + margin
+        ] = True
+        box_xywh = [
+            float(x0 + xs.min()),
+            float(y0 + ys.min()),
+            float(xs.max() - xs.min() + 1),
+            float(ys.max() - ys.min() + 1),
+        ]
         objects.append((box_xywh, label))
     return picture, objects
 
 
-def make_synthetic_dataset(out_dir: Path, num_images: int, num_classes: int = 3, size: int = 320,
-                           seed: int = 0, max_objects: int = 6) -> Path:
+def make_synthetic_dataset(
+    out_dir: Path,
+    num_images: int,
+    num_classes: int = 3,
+    size: int = 320,
+    seed: int = 0,
+    max_objects: int = 6,
+) -> Path:
     """Write ``num_images`` JPEG pictures and a COCO ``annotations.json``; returns the JSON's path.
 
     Args:
@@ -159,7 +193,9 @@ def make_synthetic_dataset(out_dir: Path, num_images: int, num_classes: int = 3,
     if num_images < 1:
         raise ValueError(f"num_images={num_images}: must be >= 1")
     if not 1 <= num_classes <= len(SHAPES):
-        raise ValueError(f"num_classes={num_classes}: must be 1..{len(SHAPES)} (one shape per class)")
+        raise ValueError(
+            f"num_classes={num_classes}: must be 1..{len(SHAPES)} (one shape per class)"
+        )
     if size < 32:
         raise ValueError(f"size={size}: must be >= 32 pixels")
     if max_objects < 1:
@@ -173,34 +209,60 @@ def make_synthetic_dataset(out_dir: Path, num_images: int, num_classes: int = 3,
     for index in range(num_images):
         picture, objects = _draw_image(rng, size, num_classes, max_objects)
         file_name = f"images/{index:05d}.jpg"
-        if not cv2.imwrite(str(out_dir / file_name), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
-                           [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY]):
+        if not cv2.imwrite(
+            str(out_dir / file_name),
+            cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
+            [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY],
+        ):
             raise OSError(f"cannot write {out_dir / file_name}")
         images.append({"id": index + 1, "file_name": file_name, "width": size, "height": size})
         for box_xywh, label in objects:
-            annotations.append({"id": len(annotations) + 1, "image_id": index + 1,
-                                "category_id": category_id(label), "bbox": box_xywh,
-                                "area": box_xywh[2] * box_xywh[3], "iscrowd": 0})
-    categories = [{"id": category_id(k), "name": SHAPES[k], "supercategory": "shape"} for k in range(num_classes)]
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": category_id(label),
+                    "bbox": box_xywh,
+                    "area": box_xywh[2] * box_xywh[3],
+                    "iscrowd": 0,
+                }
+            )
+    categories = [
+        {"id": category_id(k), "name": SHAPES[k], "supercategory": "shape"}
+        for k in range(num_classes)
+    ]
     path = out_dir / "annotations.json"
-    path.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
-    logger.info("synthetic set: %d images, %d boxes, %d classes -> %s", num_images, len(annotations),
-                num_classes, path)
+    path.write_text(
+        json.dumps({"images": images, "annotations": annotations, "categories": categories})
+    )
+    logger.info(
+        "synthetic set: %d images, %d boxes, %d classes -> %s",
+        num_images,
+        len(annotations),
+        num_classes,
+        path,
+    )
     return path
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m dfine.train.synthetic",
-                                     description="Write a synthetic shapes detection set (COCO JSON).")
+    parser = argparse.ArgumentParser(
+        prog="python -m dfine.train.synthetic",
+        description="Write a synthetic shapes detection set (COCO JSON).",
+    )
     parser.add_argument("--out", type=Path, required=True, help="output folder")
     parser.add_argument("--images", type=int, default=200, help="number of images (default 200)")
     parser.add_argument("--classes", type=int, default=3, help=f"1..{len(SHAPES)} (default 3)")
     parser.add_argument("--size", type=int, default=320, help="image side in pixels (default 320)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-objects", type=int, default=6, help="shapes per image at most (default 6)")
+    parser.add_argument(
+        "--max-objects", type=int, default=6, help="shapes per image at most (default 6)"
+    )
     args = parser.parse_args(argv)
     try:
-        path = make_synthetic_dataset(args.out, args.images, args.classes, args.size, args.seed, args.max_objects)
+        path = make_synthetic_dataset(
+            args.out, args.images, args.classes, args.size, args.seed, args.max_objects
+        )
     except ValueError as exc:
         # The command line is this function's whole job: errors and the result go to the terminal.
         print(f"error: {exc}", file=sys.stderr)  # noqa: T201

@@ -98,15 +98,22 @@ def _float32(value: Any) -> Any:
 
 
 def _to_device(targets: Sequence[dict[str, Any]], device: torch.device) -> list[dict[str, Any]]:
-    return [{k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in t.items()}
-            for t in targets]
+    return [
+        {
+            k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v
+            for k, v in t.items()
+        }
+        for t in targets
+    ]
 
 
 class _Progress:
     """One progress bar per epoch on ``stream``: step, loss, lr, it/s, ETA (a line every 5 s
     when the stream is not a terminal)."""
 
-    def __init__(self, stream: TextIO | None, epoch: int, epochs: int, total: int, done: int) -> None:
+    def __init__(
+        self, stream: TextIO | None, epoch: int, epochs: int, total: int, done: int
+    ) -> None:
         self.stream = stream
         self.label = f"epoch {epoch + 1}/{epochs}"
         self.total, self.done, self.start_done = total, done, done
@@ -124,8 +131,10 @@ class _Progress:
         eta = (self.total - done) / rate if rate > 0 else float("nan")
         filled = int(20 * done / self.total) if self.total else 20
         loss_text = "-" if loss is None else f"{loss:.4f}"
-        self.text = (f"{self.label} [{'#' * filled}{'.' * (20 - filled)}] {done}/{self.total} "
-                     f"loss {loss_text} lr {lr:.2e} {rate:.2f} it/s ETA {_duration(eta)}")
+        self.text = (
+            f"{self.label} [{'#' * filled}{'.' * (20 - filled)}] {done}/{self.total} "
+            f"loss {loss_text} lr {lr:.2e} {rate:.2f} it/s ETA {_duration(eta)}"
+        )
         if self.is_tty:
             self.stream.write("\r" + self.text + "\033[K")
             self.stream.flush()
@@ -144,8 +153,11 @@ def _duration(seconds: float) -> str:
     if not math.isfinite(seconds):
         return "?"
     seconds = int(seconds)
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 \
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
         else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 class Trainer:
@@ -175,8 +187,10 @@ class Trainer:
         self._stop_requested = False
         self.device = resolve_device(settings.device)
         if len(dataset.train) < settings.data.batch:
-            raise ValueError(f"the training set has {len(dataset.train)} images, fewer than one batch "
-                             f"of {settings.data.batch}; use a smaller --batch")
+            raise ValueError(
+                f"the training set has {len(dataset.train)} images, fewer than one batch "
+                f"of {settings.data.batch}; use a smaller --batch"
+            )
 
     def request_stop(self) -> None:
         """Stop after the current step, writing ``last.pth`` (safe from a signal handler)."""
@@ -208,8 +222,9 @@ class Trainer:
         criterion = Criterion(num_classes=num_classes).to(self.device)
 
         stop_epoch = s.epochs - s.data.no_aug_epochs if s.data.no_aug_epochs else None
-        train_set = DetectionDataset(self.dataset.train, s.data.imgsz, augment=True, seed=s.seed,
-                                     stop_epoch=stop_epoch)
+        train_set = DetectionDataset(
+            self.dataset.train, s.data.imgsz, augment=True, seed=s.seed, stop_epoch=stop_epoch
+        )
         batches_per_epoch = len(self.dataset.train) // s.data.batch
         steps_per_epoch = max(1, batches_per_epoch // s.optim.accumulate)
         total_steps = s.epochs * steps_per_epoch
@@ -229,8 +244,10 @@ class Trainer:
         if s.resume:
             ckpt = read_checkpoint(self.last_path)
             if list(ckpt.get("class_names", [])) != self.class_names:
-                raise ValueError(f"cannot resume {self.last_path}: it was trained on classes "
-                                 f"{ckpt.get('class_names')}, the dataset has {self.class_names}")
+                raise ValueError(
+                    f"cannot resume {self.last_path}: it was trained on classes "
+                    f"{ckpt.get('class_names')}, the dataset has {self.class_names}"
+                )
             model.load_state_dict(ckpt["model"])
             if ema is not None and "ema" in ckpt:
                 ema.load_state_dict(ckpt["ema"])
@@ -240,17 +257,28 @@ class Trainer:
             if scaler is not None and "scaler" in ckpt:
                 scaler.load_state_dict(ckpt["scaler"])
             state = ckpt["finestream"]
-            step, epoch, batch_in_epoch = int(state["step"]), int(state["epoch"]), int(state["batch_in_epoch"])
+            step, epoch, batch_in_epoch = (
+                int(state["step"]),
+                int(state["epoch"]),
+                int(state["batch_in_epoch"]),
+            )
             history = list(state.get("history", []))
             best = state.get("best_map50_95")
             resume_rng = state["rng"]
             self._last_good = self.last_path
             self._truncate_logs(out, step, epoch)
-            logger.info("resuming %s at epoch %d, batch %d, step %d", self.last_path, epoch + 1,
-                        batch_in_epoch, step)
+            logger.info(
+                "resuming %s at epoch %d, batch %d, step %d",
+                self.last_path,
+                epoch + 1,
+                batch_in_epoch,
+                step,
+            )
             del ckpt
 
-        self._parts = dict(model=model, ema=ema, optimizer=optimizer, schedule=schedule, scaler=scaler)
+        self._parts = dict(
+            model=model, ema=ema, optimizer=optimizer, schedule=schedule, scaler=scaler
+        )
         self._history = history
         self._best = best
         loss_names: list[str] | None = None
@@ -275,14 +303,22 @@ class Trainer:
                 more = f" and {len(bad) - 4} more" if len(bad) > 4 else ""
                 raise NonFiniteLossError(
                     f"step {pending[row][0]}: non-finite loss in {', '.join(bad[:4])}{more}; "
-                    f"training stopped; last good checkpoint: {where}")
+                    f"training stopped; last good checkpoint: {where}"
+                )
             with (out / LOSSES_CSV).open("a", newline="") as f:
                 writer = csv.writer(f)
                 if f.tell() == 0:
                     writer.writerow(["step", "epoch", "loss", *loss_names, "lr"])
                 for (st, ep, _, lr), row_values in zip(pending, values):
-                    writer.writerow([st, ep, f"{float(row_values.sum()):.6g}",
-                                     *(f"{v:.6g}" for v in row_values), f"{lr:.6g}"])
+                    writer.writerow(
+                        [
+                            st,
+                            ep,
+                            f"{float(row_values.sum()):.6g}",
+                            *(f"{v:.6g}" for v in row_values),
+                            f"{lr:.6g}",
+                        ]
+                    )
                     for name, v in zip(loss_names, row_values):
                         epoch_sums[name] = epoch_sums.get(name, 0.0) + float(v)
                     epoch_count += 1
@@ -292,9 +328,17 @@ class Trainer:
         self._last_loss: float | None = None
         done = step >= total_steps
         while epoch < s.epochs and not done:
-            loader = make_loader(train_set, s.data.batch, s.data.workers, s.seed, epoch, shuffle=True,
-                                 skip_batches=batch_in_epoch, drop_last=True,
-                                 multiscale=s.data.multiscale)
+            loader = make_loader(
+                train_set,
+                s.data.batch,
+                s.data.workers,
+                s.seed,
+                epoch,
+                shuffle=True,
+                skip_batches=batch_in_epoch,
+                drop_last=True,
+                multiscale=s.data.multiscale,
+            )
             batches = iter(loader)
             if resume_rng is not None:
                 # After the loader drew its worker seeds: the RNG then continues as it was.
@@ -307,10 +351,15 @@ class Trainer:
             step_terms = zero = torch.zeros((), device=self.device)
             optimizer.zero_grad(set_to_none=True)
             for images, targets in batches:
-                images = images.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+                images = images.to(self.device, non_blocking=True).contiguous(
+                    memory_format=torch.channels_last
+                )
                 targets = _to_device(targets, self.device)
-                with torch.autocast(self.device.type, dtype=amp_dtype or torch.float32,
-                                    enabled=amp_dtype is not None):
+                with torch.autocast(
+                    self.device.type,
+                    dtype=amp_dtype or torch.float32,
+                    enabled=amp_dtype is not None,
+                ):
                     outputs = model(images, targets)
                 with torch.autocast(self.device.type, enabled=False):
                     losses = criterion(_float32(outputs), targets)
@@ -318,7 +367,9 @@ class Trainer:
                     loss_names = sorted(losses)
                 # A term the first batch lacked is in the loss but not in the logs; one it has
                 # and a later batch lacks (no boxes to denoise, say) is logged as 0.
-                terms = torch.stack([losses[k].detach().float() if k in losses else zero for k in loss_names])
+                terms = torch.stack(
+                    [losses[k].detach().float() if k in losses else zero for k in loss_names]
+                )
                 step_terms = terms if accumulated == 0 else step_terms + terms
                 loss = sum(losses.values()) / s.optim.accumulate
                 if scaler is not None:
@@ -349,12 +400,15 @@ class Trainer:
                 pending.append((step, epoch, step_terms / s.optim.accumulate, lr))
 
                 due = (s.checkpoint.every_steps and step % s.checkpoint.every_steps == 0) or (
-                    s.checkpoint.every_s and time.monotonic() - last_save_s >= s.checkpoint.every_s)
+                    s.checkpoint.every_s and time.monotonic() - last_save_s >= s.checkpoint.every_s
+                )
                 stop = self._stop_requested or step >= total_steps
                 if due or stop or len(pending) >= _SYNC_EVERY:
                     flush()
                 bar.update(batch_in_epoch, self._last_loss, lr)  # the loss as of the last read
-                if (due or self._stop_requested) and not (step >= total_steps and batch_in_epoch >= batches_per_epoch):
+                if (due or self._stop_requested) and not (
+                    step >= total_steps and batch_in_epoch >= batches_per_epoch
+                ):
                     self._save(self.last_path, step, epoch, batch_in_epoch, last_epoch=epoch - 1)
                     last_save_s = time.monotonic()
                 if self.on_step is not None:
@@ -422,15 +476,24 @@ class Trainer:
 
     def _validate(self, module: nn.Module, amp_dtype: torch.dtype | None) -> EvalResult:
         s = self.settings
-        result = evaluate_model(module, self.dataset.val, self.class_names, imgsz=s.data.imgsz,
-                                batch=s.data.batch, workers=s.data.workers, device=self.device,
-                                amp_dtype=amp_dtype)
+        result = evaluate_model(
+            module,
+            self.dataset.val,
+            self.class_names,
+            imgsz=s.data.imgsz,
+            batch=s.data.batch,
+            workers=s.data.workers,
+            device=self.device,
+            amp_dtype=amp_dtype,
+        )
         if self.progress is not None:
             self.progress.write(result.format_table() + "\n")
             self.progress.flush()
         return result
 
-    def _save(self, path: Path, step: int, epoch: int, batch_in_epoch: int, last_epoch: int) -> None:
+    def _save(
+        self, path: Path, step: int, epoch: int, batch_in_epoch: int, last_epoch: int
+    ) -> None:
         p = self._parts
         ema: ModelEma | None = p["ema"]
         progress = {
@@ -445,9 +508,15 @@ class Trainer:
             "num_classes": len(self.class_names),
         }
         checkpoint = training_checkpoint(
-            model=p["model"], ema_state=ema.state_dict() if ema is not None else None,
-            optimizer=p["optimizer"], lr_scheduler=p["schedule"], lr_warmup_scheduler=p["schedule"].warmup,
-            scaler=p["scaler"], last_epoch=last_epoch, class_names=self.class_names, progress=progress,
+            model=p["model"],
+            ema_state=ema.state_dict() if ema is not None else None,
+            optimizer=p["optimizer"],
+            lr_scheduler=p["schedule"],
+            lr_warmup_scheduler=p["schedule"].warmup,
+            scaler=p["scaler"],
+            last_epoch=last_epoch,
+            class_names=self.class_names,
+            progress=progress,
         )
         atomic_save(checkpoint, path)
         if path == self.last_path:
@@ -462,8 +531,14 @@ class Trainer:
             writer = csv.writer(f)
             if f.tell() == 0:
                 writer.writerow(columns)
-            writer.writerow(["" if record.get(c) is None else (f"{record[c]:.6g}" if isinstance(record[c], float)
-                                                               else record[c]) for c in columns])
+            writer.writerow(
+                [
+                    ""
+                    if record.get(c) is None
+                    else (f"{record[c]:.6g}" if isinstance(record[c], float) else record[c])
+                    for c in columns
+                ]
+            )
 
     @staticmethod
     def _truncate_logs(out: Path, step: int, epoch: int) -> None:
@@ -485,10 +560,11 @@ class Trainer:
         try:
             from dfine.train.plots import plot_results
         except ImportError:  # matplotlib missing: the CSVs hold the same numbers
-            logger.warning("matplotlib is not installed: no results.png (the CSVs have the numbers)")
+            logger.warning(
+                "matplotlib is not installed: no results.png (the CSVs have the numbers)"
+            )
             return
         try:
             plot_results(out / LOSSES_CSV, out / METRICS_CSV, out / "results.png")
         except (OSError, ValueError) as exc:
             logger.warning("could not draw %s: %s", out / "results.png", exc)
-

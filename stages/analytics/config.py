@@ -55,7 +55,9 @@ def _point(value: Sequence[float], key: str) -> tuple[float, float]:
 
 def _classes(value: tuple[int, ...] | None, key: str) -> None:
     if value is not None and (not value or any(c < 0 for c in value)):
-        raise ValueError(f"{key}: a list of class ids >= 0, or null for every class; got {list(value)}")
+        raise ValueError(
+            f"{key}: a list of class ids >= 0, or null for every class; got {list(value)}"
+        )
 
 
 @dataclass(frozen=True)
@@ -83,10 +85,14 @@ class LineConfig:
             raise ValueError("name: every line needs a name")
         a, b = _point(self.a, "a"), _point(self.b, "b")
         if a == b:
-            raise ValueError(f"b: line '{self.name}' has zero length (a == b == {list(a)}); give two different ends")
+            raise ValueError(
+                f"b: line '{self.name}' has zero length (a == b == {list(a)}); give two different ends"
+            )
         _classes(self.classes, "classes")
         if not self.rearm_distance_px >= 0:
-            raise ValueError(f"rearm_distance_px: must be >= 0 pixels, got {self.rearm_distance_px}")
+            raise ValueError(
+                f"rearm_distance_px: must be >= 0 pixels, got {self.rearm_distance_px}"
+            )
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,9 @@ class ZoneConfig:
         if not self.name:
             raise ValueError("name: every zone needs a name")
         if len(self.polygon) < 3:
-            raise ValueError(f"polygon: zone '{self.name}' needs at least 3 corners, got {len(self.polygon)}")
+            raise ValueError(
+                f"polygon: zone '{self.name}' needs at least 3 corners, got {len(self.polygon)}"
+            )
         corners = np.array([_point(p, f"polygon[{i}]") for i, p in enumerate(self.polygon)])
         x, y = corners[:, 0], corners[:, 1]
         area = 0.5 * abs(float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))))
@@ -119,7 +127,9 @@ class ZoneConfig:
                 f"polygon: zone '{self.name}' crosses itself; list its corners in order around it"
             )
         if area == 0:
-            raise ValueError(f"polygon: zone '{self.name}' has no area (its corners are on one line)")
+            raise ValueError(
+                f"polygon: zone '{self.name}' has no area (its corners are on one line)"
+            )
         _classes(self.classes, "classes")
         if self.loiter_s is not None and not self.loiter_s > 0:
             raise ValueError(f"loiter_s: must be > 0 seconds or null, got {self.loiter_s}")
@@ -196,7 +206,9 @@ class StreamAnalyticsConfig:
                         "give fractions of the frame's width and height, or coordinates: pixels"
                     )
         if self.summary_every_s is not None and not self.summary_every_s > 0:
-            raise ValueError(f"summary_every_s: must be > 0 seconds or null, got {self.summary_every_s}")
+            raise ValueError(
+                f"summary_every_s: must be > 0 seconds or null, got {self.summary_every_s}"
+            )
 
     def _points(self) -> list[tuple[str, tuple[float, ...]]]:
         points: list[tuple[str, tuple[float, ...]]] = []
@@ -205,5 +217,7 @@ class StreamAnalyticsConfig:
         for i, zone in enumerate(self.zones):
             points += [(f"zones[{i}].polygon[{j}]", p) for j, p in enumerate(zone.polygon)]
         if self.speed is not None:
-            points += [(f"speed.image_points[{j}]", p) for j, p in enumerate(self.speed.image_points)]
+            points += [
+                (f"speed.image_points[{j}]", p) for j, p in enumerate(self.speed.image_points)
+            ]
         return points

@@ -149,8 +149,10 @@ def polygon_self_intersects(vertices_xy: np.ndarray) -> bool:
     e0, e1 = v, np.roll(v, -1, axis=0)
 
     def orient(p: np.ndarray, q: np.ndarray, r: np.ndarray) -> np.ndarray:
-        return np.sign((q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1])
-                       - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0]))
+        return np.sign(
+            (q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1])
+            - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0])
+        )
 
     i, j = np.triu_indices(n, k=2)
     keep = ~((i == 0) & (j == n - 1))  # the first and last edges share a vertex
@@ -160,8 +162,12 @@ def polygon_self_intersects(vertices_xy: np.ndarray) -> bool:
     proper = (o1 * o2 < 0) & (o3 * o4 < 0)
 
     def on(p: np.ndarray, q: np.ndarray, r: np.ndarray, o: np.ndarray) -> np.ndarray:
-        within = ((np.minimum(p[:, 0], q[:, 0]) <= r[:, 0]) & (r[:, 0] <= np.maximum(p[:, 0], q[:, 0]))
-                  & (np.minimum(p[:, 1], q[:, 1]) <= r[:, 1]) & (r[:, 1] <= np.maximum(p[:, 1], q[:, 1])))
+        within = (
+            (np.minimum(p[:, 0], q[:, 0]) <= r[:, 0])
+            & (r[:, 0] <= np.maximum(p[:, 0], q[:, 0]))
+            & (np.minimum(p[:, 1], q[:, 1]) <= r[:, 1])
+            & (r[:, 1] <= np.maximum(p[:, 1], q[:, 1]))
+        )
         return (o == 0) & within
 
     touching = on(a, b, c, o1) | on(a, b, d, o2) | on(c, d, a, o3) | on(c, d, b, o4)

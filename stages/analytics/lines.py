@@ -90,7 +90,9 @@ class LineCounter:
         """
         if not self.lines or len(rows) == 0:
             return []
-        crossed, into_right, point_xy, side1 = segments_cross_lines(prev_xy, cur_xy, self.a_xy, self.b_xy)
+        crossed, into_right, point_xy, side1 = segments_cross_lines(
+            prev_xy, cur_xy, self.a_xy, self.b_xy
+        )
         if not self._classes.trivial:
             crossed &= self._classes.mask(class_ids)
         armed_in = self._armed_in[rows]

@@ -111,7 +111,9 @@ class _Rows:
 class StreamAnalytics:
     """Lines, zones and speeds of one stream; events go to ``publish``."""
 
-    def __init__(self, config: StreamAnalyticsConfig, class_names: Sequence[str], publish: Publish) -> None:
+    def __init__(
+        self, config: StreamAnalyticsConfig, class_names: Sequence[str], publish: Publish
+    ) -> None:
         self.config = config
         self.class_names = tuple(class_names)
         self._publish = publish
@@ -144,7 +146,11 @@ class StreamAnalytics:
             anchors = anchor_points(det.boxes_xyxy[tracked], self.config.anchor)
             finite = np.isfinite(anchors).all(axis=1)
             if not finite.all():  # a broken box locates nothing
-                track_ids, class_ids, anchors = track_ids[finite], class_ids[finite], anchors[finite]
+                track_ids, class_ids, anchors = (
+                    track_ids[finite],
+                    class_ids[finite],
+                    anchors[finite],
+                )
         else:
             track_ids = np.zeros(0, dtype=np.int64)
             class_ids = np.zeros(0, dtype=np.int64)
@@ -165,24 +171,38 @@ class StreamAnalytics:
             row = int(rows[crossing.index])
             line = crossing.line
             self._dirty_lines.add(line)
-            self._publish(line_crossed_event(
-                stream=stream, frame=frame, pts_s=pts_s, line=self.lines.lines[line].name,
-                direction="in" if crossing.into_right else "out", track_id=int(track_ids[crossing.index]),
-                class_id=int(class_ids[crossing.index]), point_xy=crossing.point_xy,
-                speed_kmh=self._speed.speed_of(row) if self._speed is not None else None,
-                count_in=int(self.lines.count_in[line]), count_out=int(self.lines.count_out[line]),
-                class_names=self.class_names,
-            ))
+            self._publish(
+                line_crossed_event(
+                    stream=stream,
+                    frame=frame,
+                    pts_s=pts_s,
+                    line=self.lines.lines[line].name,
+                    direction="in" if crossing.into_right else "out",
+                    track_id=int(track_ids[crossing.index]),
+                    class_id=int(class_ids[crossing.index]),
+                    point_xy=crossing.point_xy,
+                    speed_kmh=self._speed.speed_of(row) if self._speed is not None else None,
+                    count_in=int(self.lines.count_in[line]),
+                    count_out=int(self.lines.count_out[line]),
+                    class_names=self.class_names,
+                )
+            )
         entered, exited = self.zones.update(rows, class_ids, anchors, pts_s)
         self._zone_events(entered, exited, "left", frame, pts_s)
         for visit in self.zones.loiterers(pts_s):
-            self._publish(zone_loitering_event(
-                stream=self.config.stream_id, frame=frame, pts_s=pts_s,
-                zone=self.zones.zones[visit.zone].name, track_id=int(table.track_id[visit.row]),
-                class_id=int(table.class_id[visit.row]), dwell_s=visit.dwell_s,
-                threshold_s=float(self.zones.zones[visit.zone].loiter_s or 0.0),
-                class_names=self.class_names,
-            ))
+            self._publish(
+                zone_loitering_event(
+                    stream=self.config.stream_id,
+                    frame=frame,
+                    pts_s=pts_s,
+                    zone=self.zones.zones[visit.zone].name,
+                    track_id=int(table.track_id[visit.row]),
+                    class_id=int(table.class_id[visit.row]),
+                    dwell_s=visit.dwell_s,
+                    threshold_s=float(self.zones.zones[visit.zone].loiter_s or 0.0),
+                    class_names=self.class_names,
+                )
+            )
         table.prev_xy[rows] = anchors
 
         every = self.config.summary_every_s
@@ -224,11 +244,19 @@ class StreamAnalytics:
         totals = []
         for i, line in enumerate(self.lines.lines):
             by_class = [
-                LineClassCount(class_id=c, label=label_for(c, self.class_names), count_in=n[0], count_out=n[1])
+                LineClassCount(
+                    class_id=c, label=label_for(c, self.class_names), count_in=n[0], count_out=n[1]
+                )
                 for c, n in sorted(self.lines.by_class[i].items())
             ]
-            totals.append(LineTotals(line=line.name, count_in=int(self.lines.count_in[i]),
-                                     count_out=int(self.lines.count_out[i]), by_class=by_class))
+            totals.append(
+                LineTotals(
+                    line=line.name,
+                    count_in=int(self.lines.count_in[i]),
+                    count_out=int(self.lines.count_out[i]),
+                    by_class=by_class,
+                )
+            )
         return totals
 
     def zone_totals(self) -> list[ZoneTotals]:
@@ -239,21 +267,35 @@ class StreamAnalytics:
             inside = occupancy_by_class[i]
             classes = sorted(set(z.entered_by_class[i]) | set(inside))
             by_class = [
-                ZoneClassCount(class_id=c, label=label_for(c, self.class_names),
-                               entered=z.entered_by_class[i].get(c, 0), occupancy=inside.get(c, 0))
+                ZoneClassCount(
+                    class_id=c,
+                    label=label_for(c, self.class_names),
+                    entered=z.entered_by_class[i].get(c, 0),
+                    occupancy=inside.get(c, 0),
+                )
                 for c in classes
             ]
-            totals.append(ZoneTotals(
-                zone=zone.name, entered=int(z.entered[i]), exited=int(z.exited[i]),
-                loitering=int(z.loitering[i]), occupancy=int(sum(inside.values())),
-                max_dwell_s=round(float(z.max_dwell_s[i]), 6), by_class=by_class,
-            ))
+            totals.append(
+                ZoneTotals(
+                    zone=zone.name,
+                    entered=int(z.entered[i]),
+                    exited=int(z.exited[i]),
+                    loitering=int(z.loitering[i]),
+                    occupancy=int(sum(inside.values())),
+                    max_dwell_s=round(float(z.max_dwell_s[i]), 6),
+                    by_class=by_class,
+                )
+            )
         return totals
 
     def summary_event(self, *, final: bool) -> dict[str, Any]:
         return analytics_summary_event(
-            stream=self.config.stream_id, frame=max(self._last_frame, 0), pts_s=self._last_pts_s,
-            final=final, lines=self.line_totals(), zones=self.zone_totals(),
+            stream=self.config.stream_id,
+            frame=max(self._last_frame, 0),
+            pts_s=self._last_pts_s,
+            final=final,
+            lines=self.line_totals(),
+            zones=self.zone_totals(),
         )
 
     def overlay(self) -> AnalyticsOverlay:
@@ -262,8 +304,10 @@ class StreamAnalytics:
         by_class = self._occupancy_by_class()
         return AnalyticsOverlay(
             lines=tuple(self._line_overlay(i) for i in range(len(self.lines.lines))),
-            zones=tuple(self._zone_overlay(i, int(occupancy[i]), by_class[i])
-                        for i in range(len(self.zones.zones))),
+            zones=tuple(
+                self._zone_overlay(i, int(occupancy[i]), by_class[i])
+                for i in range(len(self.zones.zones))
+            ),
         )
 
     def _line_overlay(self, i: int) -> LineOverlay:
@@ -272,16 +316,23 @@ class StreamAnalytics:
             name=lines.lines[i].name,
             a_xy=(float(lines.a_xy[i, 0]), float(lines.a_xy[i, 1])),
             b_xy=(float(lines.b_xy[i, 0]), float(lines.b_xy[i, 1])),
-            count_in=int(lines.count_in[i]), count_out=int(lines.count_out[i]),
-            by_class=tuple((label_for(c, self.class_names), n[0], n[1])
-                           for c, n in sorted(lines.by_class[i].items())),
+            count_in=int(lines.count_in[i]),
+            count_out=int(lines.count_out[i]),
+            by_class=tuple(
+                (label_for(c, self.class_names), n[0], n[1])
+                for c, n in sorted(lines.by_class[i].items())
+            ),
         )
 
     def _zone_overlay(self, i: int, occupancy: int, inside_by_class: dict[int, int]) -> ZoneOverlay:
         return ZoneOverlay(
-            name=self.zones.zones[i].name, polygon_xy=self._polygon_tuples[i], occupancy=occupancy,
+            name=self.zones.zones[i].name,
+            polygon_xy=self._polygon_tuples[i],
+            occupancy=occupancy,
             entered=int(self.zones.entered[i]),
-            by_class=tuple((label_for(c, self.class_names), n) for c, n in sorted(inside_by_class.items())),
+            by_class=tuple(
+                (label_for(c, self.class_names), n) for c, n in sorted(inside_by_class.items())
+            ),
         )
 
     # --- internals -------------------------------------------------------------------------
@@ -301,8 +352,9 @@ class StreamAnalytics:
         table = counts.reshape(n_zones, n_classes).tolist()
         return [{c: n for c, n in enumerate(row) if n} for row in table]
 
-    def _zone_events(self, entered: list[Visit], exited: list[Visit], reason: Any, frame: int,
-                     pts_s: float) -> None:
+    def _zone_events(
+        self, entered: list[Visit], exited: list[Visit], reason: Any, frame: int, pts_s: float
+    ) -> None:
         if not entered and not exited:
             return
         self._dirty_zones.update(v.zone for v in entered)
@@ -310,19 +362,33 @@ class StreamAnalytics:
         table = self._rows
         occupancy = self.zones.occupancy()
         for visit in entered:
-            self._publish(zone_entered_event(
-                stream=self.config.stream_id, frame=frame, pts_s=pts_s,
-                zone=self.zones.zones[visit.zone].name, track_id=int(table.track_id[visit.row]),
-                class_id=int(table.class_id[visit.row]), occupancy=int(occupancy[visit.zone]),
-                class_names=self.class_names,
-            ))
+            self._publish(
+                zone_entered_event(
+                    stream=self.config.stream_id,
+                    frame=frame,
+                    pts_s=pts_s,
+                    zone=self.zones.zones[visit.zone].name,
+                    track_id=int(table.track_id[visit.row]),
+                    class_id=int(table.class_id[visit.row]),
+                    occupancy=int(occupancy[visit.zone]),
+                    class_names=self.class_names,
+                )
+            )
         for visit in exited:
-            self._publish(zone_exited_event(
-                stream=self.config.stream_id, frame=frame, pts_s=pts_s,
-                zone=self.zones.zones[visit.zone].name, track_id=int(table.track_id[visit.row]),
-                class_id=int(table.class_id[visit.row]), reason=reason, dwell_s=visit.dwell_s,
-                occupancy=int(occupancy[visit.zone]), class_names=self.class_names,
-            ))
+            self._publish(
+                zone_exited_event(
+                    stream=self.config.stream_id,
+                    frame=frame,
+                    pts_s=pts_s,
+                    zone=self.zones.zones[visit.zone].name,
+                    track_id=int(table.track_id[visit.row]),
+                    class_id=int(table.class_id[visit.row]),
+                    reason=reason,
+                    dwell_s=visit.dwell_s,
+                    occupancy=int(occupancy[visit.zone]),
+                    class_names=self.class_names,
+                )
+            )
 
     def _set_size(self, width: int, height: int) -> None:
         scale = np.array([width, height], dtype=np.float64)
@@ -334,8 +400,12 @@ class StreamAnalytics:
             np.array([line.b for line in lines], dtype=np.float64).reshape(-1, 2) * scale,
         )
         self._overlay = None
-        self._polygons_px = [np.array(zone.polygon, dtype=np.float64) * scale for zone in self.config.zones]
-        self._polygon_tuples = [tuple((float(x), float(y)) for x, y in p) for p in self._polygons_px]
+        self._polygons_px = [
+            np.array(zone.polygon, dtype=np.float64) * scale for zone in self.config.zones
+        ]
+        self._polygon_tuples = [
+            tuple((float(x), float(y)) for x, y in p) for p in self._polygons_px
+        ]
         self.zones.set_geometry(self._polygons_px)
         if self.config.speed is not None:
             points = np.array(self.config.speed.image_points, dtype=np.float64) * scale
@@ -344,8 +414,12 @@ class StreamAnalytics:
             else:
                 self._speed.set_geometry(points)
         if self._size is not None:
-            logger.info("analytics '%s': frame size now %dx%d, geometry rescaled",
-                        self.config.stream_id, width, height)
+            logger.info(
+                "analytics '%s': frame size now %dx%d, geometry rescaled",
+                self.config.stream_id,
+                width,
+                height,
+            )
         self._size = (width, height)
 
 
@@ -365,7 +439,9 @@ class AnalyticsStage(StageBase[FramePacket]):
         self.name = "analytics"
         ids = [c.stream_id for c in configs]
         if len(set(ids)) != len(ids):
-            raise ValueError(f"analytics: a stream_id appears twice in {ids}; give one item per stream")
+            raise ValueError(
+                f"analytics: a stream_id appears twice in {ids}; give one item per stream"
+            )
         self._publish = publish
         self._streams = {c.stream_id: StreamAnalytics(c, class_names, publish) for c in configs}
         self._final: dict[str, dict[str, Any]] = {}

@@ -44,7 +44,9 @@ class ZoneMonitor:
         self.vertices_xy = np.zeros((n, 3, 2))
         self._next_xy = self.vertices_xy
         self._classes = ClassFilter([z.classes for z in self.zones])
-        self._loiter_s = np.array([np.inf if z.loiter_s is None else z.loiter_s for z in self.zones])
+        self._loiter_s = np.array(
+            [np.inf if z.loiter_s is None else z.loiter_s for z in self.zones]
+        )
         self.inside = np.zeros((0, n), dtype=bool)
         self._enter_pts = np.zeros((0, n))
         self._last_pts = np.zeros((0, n))
@@ -60,7 +62,9 @@ class ZoneMonitor:
         if not polygons_xy:
             return
         most = max(len(p) for p in polygons_xy)
-        padded = [np.concatenate([p, np.repeat(p[-1:], most - len(p), axis=0)]) for p in polygons_xy]
+        padded = [
+            np.concatenate([p, np.repeat(p[-1:], most - len(p), axis=0)]) for p in polygons_xy
+        ]
         self.vertices_xy = np.stack(padded).astype(np.float64)
         self._next_xy = np.roll(self.vertices_xy, -1, axis=1)
 
@@ -104,7 +108,9 @@ class ZoneMonitor:
                 class_id = int(class_ids[index])
                 by_class[class_id] = by_class.get(class_id, 0) + 1
                 ins.append(Visit(row, zone, 0.0))
-            outs = [self._exit(row, zone, d) for row, zone, d in zip(xr.tolist(), xz.tolist(), dwell)]
+            outs = [
+                self._exit(row, zone, d) for row, zone, d in zip(xr.tolist(), xz.tolist(), dwell)
+            ]
         in_t, in_z = np.nonzero(now_in)
         self._last_pts[rows[in_t], in_z] = pts_s
         return ins, outs

@@ -86,8 +86,9 @@ class JsonLinesSink(StageBase[FramePacket]):
         if self._file is not None:
             file, self._file = self._file, None
             file.close()
-            logger.info("%s: wrote %d lines (%d events)", self.path, self.lines_written,
-                        self.events_written)
+            logger.info(
+                "%s: wrote %d lines (%d events)", self.path, self.lines_written, self.events_written
+            )
 
     def _write_message(self, message: Mapping[str, Any]) -> bool:
         if self._file is None:

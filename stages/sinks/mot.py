@@ -47,10 +47,14 @@ class MotSinkConfig:
             raise ValueError("mot_sink.path must name an output file, got an empty string")
 
 
-def mot_lines(frame_number: int, boxes_xyxy: np.ndarray, scores: np.ndarray, track_ids: np.ndarray) -> list[str]:
+def mot_lines(
+    frame_number: int, boxes_xyxy: np.ndarray, scores: np.ndarray, track_ids: np.ndarray
+) -> list[str]:
     """MOTChallenge lines for the tracked rows of one frame (``frame_number`` 1-based)."""
     lines = []
-    for (x1, y1, x2, y2), score, track_id in zip(boxes_xyxy.tolist(), scores.tolist(), track_ids.tolist()):
+    for (x1, y1, x2, y2), score, track_id in zip(
+        boxes_xyxy.tolist(), scores.tolist(), track_ids.tolist()
+    ):
         if track_id < 0:
             continue
         lines.append(
@@ -87,8 +91,12 @@ class MotSink(StageBase[FramePacket]):
         if item.stream_id != self._stream_id:
             if item.stream_id not in self._warned_streams:
                 self._warned_streams.add(item.stream_id)
-                logger.warning("%s holds stream %r; ignoring stream %r", self.path, self._stream_id,
-                               item.stream_id)
+                logger.warning(
+                    "%s holds stream %r; ignoring stream %r",
+                    self.path,
+                    self._stream_id,
+                    item.stream_id,
+                )
             return
         dets = item.detections
         if dets is None or len(dets) == 0:

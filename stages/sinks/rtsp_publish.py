@@ -47,7 +47,15 @@ __all__ = ["RtspPublishConfig", "RtspPublishSink", "RtspPublishStats"]
 # The RTP clock of video: 90 kHz.
 _TIME_BASE = Fraction(1, 90000)
 _X264_PRESETS = (
-    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
 )
 
 
@@ -93,7 +101,9 @@ class RtspPublishConfig:
         if self.bitrate_kbps < 1:
             raise ValueError(f"bitrate_kbps must be >= 1, got {self.bitrate_kbps}")
         if self.preset not in _X264_PRESETS:
-            raise ValueError(f"preset must be one of {', '.join(_X264_PRESETS)}, got {self.preset!r}")
+            raise ValueError(
+                f"preset must be one of {', '.join(_X264_PRESETS)}, got {self.preset!r}"
+            )
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")
         if not 0 < self.retry_initial_s <= self.retry_max_s:
@@ -141,7 +151,9 @@ class RtspPublishSink(StageBase[FramePacket]):
     ) -> None:
         self.config = config
         self.class_names = list(class_names)
-        self.name = "rtsp_publish" if config.stream_id is None else f"rtsp_publish:{config.stream_id}"
+        self.name = (
+            "rtsp_publish" if config.stream_id is None else f"rtsp_publish:{config.stream_id}"
+        )
         self._annotator = annotator
         self._url_safe = redact_url(config.url)
         self._stream_id = config.stream_id
@@ -233,7 +245,9 @@ class RtspPublishSink(StageBase[FramePacket]):
             self._size = _even_size(picture)
         if self.config.annotate and self._annotator is not None and item.detections is not None:
             # annotate() draws on a copy: the packet's picture is shared with the other sinks.
-            picture = self._annotator.annotate(picture, item.detections, self.class_names, item.analytics)
+            picture = self._annotator.annotate(
+                picture, item.detections, self.class_names, item.analytics
+            )
         return self._fit(picture)
 
     def _fit(self, picture: np.ndarray) -> np.ndarray:
@@ -274,7 +288,9 @@ class RtspPublishSink(StageBase[FramePacket]):
         except (av.FFmpegError, OSError) as exc:
             self._lost(f"cannot connect: {_describe(exc)}")
             return False
-        video = container.add_stream("libx264", rate=Fraction(cfg.frame_rate).limit_denominator(1001))
+        video = container.add_stream(
+            "libx264", rate=Fraction(cfg.frame_rate).limit_denominator(1001)
+        )
         video.width, video.height = self._size
         video.pix_fmt = "yuv420p"
         tag_bt709_limited(video.codec_context)

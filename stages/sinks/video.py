@@ -50,13 +50,40 @@ logger = logging.getLogger(__name__)
 _TIME_BASE = Fraction(1, 90000)
 _DEFAULT_RATE = Fraction(30)
 _STANDARD_RATES = tuple(
-    Fraction(r) for r in ("24000/1001", "24", "25", "30000/1001", "30", "50", "60000/1001", "60",
-                          "1", "2", "3", "5", "6", "10", "12", "12.5", "15", "20")
+    Fraction(r)
+    for r in (
+        "24000/1001",
+        "24",
+        "25",
+        "30000/1001",
+        "30",
+        "50",
+        "60000/1001",
+        "60",
+        "1",
+        "2",
+        "3",
+        "5",
+        "6",
+        "10",
+        "12",
+        "12.5",
+        "15",
+        "20",
+    )
 )
 # Frames held before the encoder opens, to measure the rate from their timestamps.
 _RATE_PROBE_FRAMES = 5
 _X264_PRESETS = (
-    "ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow",
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
 )
 
 
@@ -160,7 +187,9 @@ class VideoFileSink(StageBase[FramePacket]):
                 self._warned_streams.add(item.stream_id)
                 logger.warning(
                     "%s records stream %r; ignoring packets of stream %r",
-                    self.path, self._stream_id, item.stream_id,
+                    self.path,
+                    self._stream_id,
+                    item.stream_id,
                 )
             return
         picture = item.image_rgb_u8
@@ -168,14 +197,22 @@ class VideoFileSink(StageBase[FramePacket]):
         if self._size is None:
             self._size = size
         if self.config.annotate and self._annotator is not None and item.detections is not None:
-            picture = self._annotator.annotate(picture, item.detections, self.class_names, item.analytics)
+            picture = self._annotator.annotate(
+                picture, item.detections, self.class_names, item.analytics
+            )
         if size != self._size:
             # A camera that came back at another resolution: an MP4 stream has one size, so
             # later pictures are scaled to the first one (after drawing, in their own pixels).
             if size not in self._rescaled_sizes:
                 self._rescaled_sizes.add(size)
-                logger.warning("%s: frames of %dx%d are scaled to the first frame's %dx%d",
-                               self.path, size[0], size[1], self._size[0], self._size[1])
+                logger.warning(
+                    "%s: frames of %dx%d are scaled to the first frame's %dx%d",
+                    self.path,
+                    size[0],
+                    size[1],
+                    self._size[0],
+                    self._size[1],
+                )
             picture = cv2.resize(picture, self._size, interpolation=cv2.INTER_AREA)
         if self._container is None:
             # Held until the encoder opens (a few frames): our own copy, as the packet's picture
@@ -212,7 +249,10 @@ class VideoFileSink(StageBase[FramePacket]):
                 container, self._container = self._container, None
                 container.close()
                 logger.info(
-                    "%s: wrote %d frames (%d skipped)", self.path, self.frames_written, self.frames_skipped
+                    "%s: wrote %d frames (%d skipped)",
+                    self.path,
+                    self.frames_written,
+                    self.frames_skipped,
                 )
 
     # --- internals -----------------------------------------------------------------------
@@ -224,7 +264,11 @@ class VideoFileSink(StageBase[FramePacket]):
         if (even_w, even_h) != (width, height):
             logger.info(
                 "%s: %dx%d is odd; yuv420p needs even sizes, padding to %dx%d (edge pixels repeated)",
-                self.path, width, height, even_w, even_h,
+                self.path,
+                width,
+                height,
+                even_w,
+                even_h,
             )
         rate = self._nominal_rate()
         options = {"preset": self.config.preset, "crf": str(self.config.crf)}
@@ -245,8 +289,14 @@ class VideoFileSink(StageBase[FramePacket]):
             raise
         self._container, self._stream = container, stream
         self.frame_rate = rate
-        logger.info("%s: H.264 %dx%d, ~%.3f fps, preset %s", self.path, even_w, even_h, float(rate),
-                    self.config.preset)
+        logger.info(
+            "%s: H.264 %dx%d, ~%.3f fps, preset %s",
+            self.path,
+            even_w,
+            even_h,
+            float(rate),
+            self.config.preset,
+        )
 
     def _nominal_rate(self) -> Fraction:
         if self.config.frame_rate > 0:
@@ -272,7 +322,9 @@ class VideoFileSink(StageBase[FramePacket]):
             self.frames_skipped += 1
             logger.warning(
                 "%s: skipping frame %d: pts %.4f s is not after the last written frame",
-                self.path, index, pts_s,
+                self.path,
+                index,
+                pts_s,
             )
             return
         height, width = picture.shape[:2]
@@ -287,4 +339,6 @@ class VideoFileSink(StageBase[FramePacket]):
 
     def _skip(self, item: FramePacket, why: str) -> None:
         self.frames_skipped += 1
-        logger.warning("%s: skipping frame %d of stream %r: %s", self.path, item.index, item.stream_id, why)
+        logger.warning(
+            "%s: skipping frame %d of stream %r: %s", self.path, item.index, item.stream_id, why
+        )

@@ -21,7 +21,9 @@ def rgb_to_yuv420p(picture_rgb_u8: np.ndarray) -> av.VideoFrame:
     inference for the cores the stages already share.
     """
     frame = _rgb24_frame(np.ascontiguousarray(picture_rgb_u8))
-    return frame.reformat(format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG", threads=1)
+    return frame.reformat(
+        format="yuv420p", dst_colorspace="ITU709", dst_color_range="MPEG", threads=1
+    )
 
 
 def _rgb24_frame(picture: np.ndarray) -> av.VideoFrame:
