@@ -38,7 +38,7 @@ from pipeline.stage import StageBase
 from stages.annotate import AnnotateConfig, Annotator, make_annotator
 from stages.events import redact_url
 from stages.frame import FramePacket
-from stages.sinks.yuv import rgb_to_yuv420p, tag_bt709_limited
+from stages.sinks.yuv import X264_PRESETS, rgb_to_yuv420p, tag_bt709_limited
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +46,6 @@ __all__ = ["RtspPublishConfig", "RtspPublishSink", "RtspPublishStats"]
 
 # The RTP clock of video: 90 kHz.
 _TIME_BASE = Fraction(1, 90000)
-_X264_PRESETS = (
-    "ultrafast",
-    "superfast",
-    "veryfast",
-    "faster",
-    "fast",
-    "medium",
-    "slow",
-    "slower",
-    "veryslow",
-)
 
 
 @dataclass(frozen=True)
@@ -100,9 +89,9 @@ class RtspPublishConfig:
             raise ValueError(f"gop must be >= 1 frame, got {self.gop}")
         if self.bitrate_kbps < 1:
             raise ValueError(f"bitrate_kbps must be >= 1, got {self.bitrate_kbps}")
-        if self.preset not in _X264_PRESETS:
+        if self.preset not in X264_PRESETS:
             raise ValueError(
-                f"preset must be one of {', '.join(_X264_PRESETS)}, got {self.preset!r}"
+                f"preset must be one of {', '.join(X264_PRESETS)}, got {self.preset!r}"
             )
         if not self.timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0, got {self.timeout_s}")

@@ -41,7 +41,7 @@ import numpy as np
 from pipeline.stage import StageBase
 from stages.annotate import AnnotateConfig, Annotator, make_annotator
 from stages.frame import FramePacket
-from stages.sinks.yuv import rgb_to_yuv420p, tag_bt709_limited
+from stages.sinks.yuv import X264_PRESETS, rgb_to_yuv420p, tag_bt709_limited
 
 logger = logging.getLogger(__name__)
 
@@ -74,17 +74,6 @@ _STANDARD_RATES = tuple(
 )
 # Frames held before the encoder opens, to measure the rate from their timestamps.
 _RATE_PROBE_FRAMES = 5
-_X264_PRESETS = (
-    "ultrafast",
-    "superfast",
-    "veryfast",
-    "faster",
-    "fast",
-    "medium",
-    "slow",
-    "slower",
-    "veryslow",
-)
 
 
 @dataclass(frozen=True)
@@ -117,9 +106,9 @@ class VideoSinkConfig:
     def __post_init__(self) -> None:
         if not self.path:
             raise ValueError("video_sink.path must name an output file, got an empty string")
-        if self.preset not in _X264_PRESETS:
+        if self.preset not in X264_PRESETS:
             raise ValueError(
-                f"video_sink.preset must be one of {', '.join(_X264_PRESETS)}, got {self.preset!r}"
+                f"video_sink.preset must be one of {', '.join(X264_PRESETS)}, got {self.preset!r}"
             )
         if not 0 <= self.crf <= 51:
             raise ValueError(f"video_sink.crf must be in [0, 51], got {self.crf}")

@@ -12,6 +12,19 @@ from typing import Any
 import av
 import numpy as np
 
+#: libx264's speed/size presets, fastest first; both video sinks accept these.
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+)
+
 
 def rgb_to_yuv420p(picture_rgb_u8: np.ndarray) -> av.VideoFrame:
     """uint8 ``(H, W, 3)`` RGB (H and W even) as a yuv420p ``av.VideoFrame``, BT.709 limited range.
