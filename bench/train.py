@@ -69,11 +69,14 @@ def _synthetic(work: Path, images: int, classes: int, size: int, seed: int) -> P
     return ann
 
 
-def _groups(lr: float) -> tuple[Any, ...]:
-    """The official N groups with the backbone at half the lr (the official ratio)."""
+def _groups(lr: float, backbone_ratio: float = 0.5) -> tuple[Any, ...]:
+    """The official N groups, the backbone at ``backbone_ratio`` of the lr (official: half)."""
     from dataclasses import replace
 
-    return tuple(replace(g, lr=lr / 2) if g.lr is not None else g for g in default_param_groups())
+    return tuple(
+        replace(g, lr=lr * backbone_ratio) if g.lr is not None else g
+        for g in default_param_groups()
+    )
 
 
 def run_speed(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -158,11 +161,11 @@ def _learn(
         ),
         optim=OptimSettings(
             lr=args.lr,
-            param_groups=_groups(args.lr),
+            param_groups=_groups(args.lr, args.backbone_lr_ratio),
             warmup_steps=args.warmup_steps,
             schedule=Schedule(args.schedule),
         ),
-        ema=EmaSettings(warmups=args.ema_warmups),
+        ema=EmaSettings(decay=args.ema_decay, warmups=args.ema_warmups),
         checkpoint=CheckpointSettings(every_steps=0, every_s=600),
     )
     start = time.perf_counter()
@@ -182,6 +185,8 @@ def _learn(
         "lr": args.lr,
         "schedule": args.schedule,
         "warmup_steps": args.warmup_steps,
+        "backbone_lr_ratio": args.backbone_lr_ratio,
+        "ema_decay": args.ema_decay,
         "ema_warmups": args.ema_warmups,
         "device": args.device,
         "amp": args.amp,
@@ -215,6 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--schedule", default="cosine", choices=["flat", "cosine"])
     parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument(
+        "--backbone-lr-ratio",
+        type=float,
+        default=0.5,
+        help="backbone lr / lr (official 0.5, for pretrained backbones; 1.0 from scratch)",
+    )
+    parser.add_argument("--ema-decay", type=float, default=0.9999)
     parser.add_argument("--ema-warmups", type=int, default=200)
     parser.add_argument("--no-aug-epochs", type=int, default=5)
     parser.add_argument("--val-every", type=int, default=10)
