@@ -52,6 +52,8 @@ class ModelInfo:
         input_size_hw: (H, W) the file is fixed to (ONNX, engine); ``None`` when the file takes
             any multiple of 32 (a checkpoint, the untrained model, an ONNX with dynamic H, W).
         size: the D-FINE size ("n".."x") when the file says (checkpoints), else ``None``.
+        trained_side: the square input side the checkpoint was trained at, when our trainer
+            wrote it (``finestream.imgsz``); the default input size for such a file.
     """
 
     kind: ModelKind
@@ -59,6 +61,7 @@ class ModelInfo:
     class_names: tuple[str, ...]
     input_size_hw: tuple[int, int] | None = None
     size: str | None = None
+    trained_side: int | None = None
 
     @property
     def num_classes(self) -> int:
@@ -176,7 +179,15 @@ def _checkpoint_info(path: Path) -> ModelInfo:
         tuple(resolve_class_names(signature.num_classes, names)),
         None,
         size,
+        _trained_side(checkpoint),
     )
+
+
+def _trained_side(checkpoint: object) -> int | None:
+    """``finestream.imgsz`` of a checkpoint our trainer (or ``dfine.train.release``) wrote."""
+    ours = checkpoint.get("finestream") if isinstance(checkpoint, Mapping) else None
+    side = ours.get("imgsz") if isinstance(ours, Mapping) else None
+    return side if isinstance(side, int) and side > 0 and side % 32 == 0 else None
 
 
 def _not_a_checkpoint(source: str, exc: BaseException) -> CheckpointError:

@@ -81,6 +81,18 @@ def add_train_commands(commands: argparse._SubParsersAction) -> None:  # type: i
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.set_defaults(handler=cmd_train)
 
+    release = commands.add_parser(
+        "release",
+        help="the file to ship from a training checkpoint: EMA weights, FP16, no optimizer",
+        description="Write RUN_DIR/best.pth (or last.pth) as a release: the EMA weights only "
+        "(FP16 unless --fp32), the class names and the training input side, in the official "
+        "layout. It runs everywhere a .pth does; --from starts a new run from it.",
+    )
+    release.add_argument("source", type=Path, help="a checkpoint finestream train wrote")
+    release.add_argument("target", type=Path, help="the file to write, e.g. model.pth")
+    release.add_argument("--fp32", action="store_true", help="keep FP32 weights (default FP16)")
+    release.set_defaults(handler=cmd_release)
+
     ev = commands.add_parser(
         "eval",
         help="COCO mAP of a model on a dataset, per class",
@@ -239,9 +251,7 @@ def make_eval_predictor(
             ModelKind.ENGINE: "tensorrt",
         }[info.kind]
     )
-    side = imgsz or (
-        info.input_size_hw[0] if info.input_size_hw else _checkpoint_imgsz(model_path, info.kind)
-    )
+    side = imgsz or (info.input_size_hw[0] if info.input_size_hw else (info.trained_side or 640))
     if chosen == "torch":
         if info.kind is not ModelKind.CHECKPOINT:
             raise ValueError(
@@ -280,19 +290,6 @@ def make_eval_predictor(
     )
 
 
-def _checkpoint_imgsz(path: Path, kind: Any) -> int:
-    """The training input side a checkpoint of ours records, else 640 (the official size)."""
-    from dfine.model_info import ModelKind
-
-    if kind is ModelKind.CHECKPOINT:
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            return int(ckpt.get("finestream", {}).get("imgsz", 640))
-        except Exception:  # an official file, or one mmap cannot open: the official default
-            return 640
-    return 640
-
-
 def _label_names_for(model_names: Sequence[str], data_names: Sequence[str]) -> list[str]:
     """Model label names as the dataset spells them; a model with only placeholder names
     (``class_0``...) and the dataset's class count is taken in the dataset's order."""
@@ -310,6 +307,25 @@ def _label_names_for(model_names: Sequence[str], data_names: Sequence[str]) -> l
             f"{', '.join(model_names[:10])}{'...' if len(model_names) > 10 else ''})"
         )
     return list(model_names)
+
+
+def cmd_release(args: argparse.Namespace) -> int:
+    """``finestream release``: see ``dfine.train.release``."""
+    from dfine.checkpoint import CheckpointError
+    from dfine.train.release import release_checkpoint
+
+    try:
+        released = release_checkpoint(args.source, args.target, fp16=not args.fp32)
+    except CheckpointError as exc:
+        print(f"finestream: error: {exc}", file=sys.stderr)
+        return 2
+    meta = released["finestream"]
+    print(
+        f"{args.target}: {meta['weights']} weights of step {meta['steps']}, {meta['dtype']}, "
+        f"{len(released['class_names'])} classes, trained at {meta['imgsz']}, "
+        f"{args.target.stat().st_size / 1e6:.1f} MB"
+    )
+    return 0
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

@@ -83,7 +83,8 @@ class InferConfig:
             Given with a checkpoint, it must match the file.
         num_classes: ``None``: read from the model file (80 untrained). Given, it must match.
         imgsz: side S of the square model input; ``None``: the size an ``.onnx``/``.engine``
-            is fixed to, else 640. Given, it must match a fixed file.
+            is fixed to, else the side a checkpoint of ours was trained at, else 640. Given, it
+            must match a fixed file.
         device: where the model runs (ONNX Runtime: picks the CUDA provider when "cuda"/"auto").
         fp16: torch on CUDA only: FP16 autocast (norms stay FP32); ``backend: auto`` turns it on
             for a checkpoint on CUDA. TensorRT engines carry their precision from the build.
@@ -295,8 +296,8 @@ def prepare_model(config: InferConfig, *, cuda_available: bool | None = None) ->
                 "(the size is read from the file)"
             )
         imgsz = h
-    else:
-        imgsz = config.imgsz or 640
+    else:  # a checkpoint runs at the side it was trained at unless told otherwise
+        imgsz = config.imgsz or info.trained_side or 640
     if config.classes is not None and max(config.classes) >= info.num_classes:
         raise ValueError(
             f"model.classes {list(config.classes)} names a class {name} lacks "
@@ -556,8 +557,11 @@ class InferenceStage(StageBase[FramePacket]):
         if images.device != backend.device:
             images = images.to(backend.device)
         orig_wh = torch.tensor([[item.width, item.height]], dtype=torch.int64)
-        labels, boxes, scores = backend(images, orig_wh)
-        item.detections = self._detections(labels[0], boxes[0], scores[0], item.width, item.height)
+        out = backend.detect(images, orig_wh)
+        spread = None if out.edge_std_px is None else out.edge_std_px[0]
+        item.detections = self._detections(
+            out.labels[0], out.boxes_xyxy[0], out.scores[0], item.width, item.height, spread
+        )
         return item
 
     def _tiled(self, tiled: TiledInput, width: int, height: int) -> Detections:
@@ -584,8 +588,16 @@ class InferenceStage(StageBase[FramePacket]):
         return keep
 
     def _detections(
-        self, labels: np.ndarray, boxes: np.ndarray, scores: np.ndarray, width: int, height: int
+        self,
+        labels: np.ndarray,
+        boxes: np.ndarray,
+        scores: np.ndarray,
+        width: int,
+        height: int,
+        edge_std_px: np.ndarray | None = None,
     ) -> Detections:
+        # edge_std_px is not clipped with the boxes: a spread says how sure the model is of
+        # the edge, wherever it lies. Tiled frames carry none (the merge joins boxes).
         keep = self._keep(labels, scores)
         boxes_xyxy = boxes[keep].astype(np.float32, copy=True)
         # Clip to the frame: boxes may reach past the border (the model does not clip).
@@ -595,6 +607,7 @@ class InferenceStage(StageBase[FramePacket]):
             boxes_xyxy=boxes_xyxy,
             scores=scores[keep].astype(np.float32, copy=True),
             class_ids=labels[keep].astype(np.int64, copy=True),
+            edge_std_px=None if edge_std_px is None else edge_std_px[keep].astype(np.float32),
         )
 
 
