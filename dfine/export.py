@@ -7,6 +7,11 @@ clipped) and ``scores`` float32 ``(B, K)`` sorted descending — the same interf
 export, so the ONNX Runtime and TensorRT backends run either. H and W are fixed at export (the
 anchors are computed for them); the batch axis is dynamic unless asked otherwise.
 
+With ``edge_std=True`` (``finestream export --edge-std``) the graph has a fourth output,
+``edge_std`` float32 ``(B, K, 4)``: each box's left, top, right and bottom edge spread in original
+pixels, in the same order as ``boxes`` (``dfine.postprocess.EdgeStdNetwork`` defines it). The
+backends find it by name; files without it (the official exports) run as before.
+
 The file's ``metadata_props`` carry ``class_names`` (JSON list), ``num_classes``,
 ``input_size_hw`` ("H,W") and ``dfine_size``, which the backends read back.
 """
@@ -24,6 +29,7 @@ from torch import nn
 
 from dfine.backends.class_names import resolve_class_names
 from dfine.backends.onnx_backend import (
+    EDGE_STD_OUTPUT,
     INPUT_NAMES,
     META_CLASS_NAMES,
     META_NUM_CLASSES,
@@ -61,6 +67,34 @@ class DeployModel(nn.Module):
         return labels, boxes, scores
 
 
+class DeployModelWithEdgeStd(nn.Module):
+    """:class:`DeployModel` with a fourth output, the boxes' per-edge spreads in pixels.
+
+    Args:
+        model: a D-FINE network (``dfine.build_model``), in eval mode.
+        postprocessor: ``dfine.PostProcessor`` (its ``forward_with_edge_std`` is used).
+    """
+
+    def __init__(self, model: nn.Module, postprocessor: nn.Module) -> None:
+        super().__init__()
+        # Imported here: dfine.postprocess imports the network parts, this module only the
+        # backends' names.
+        from dfine.postprocess import EdgeStdNetwork
+
+        self.network = EdgeStdNetwork(model)
+        self.postprocessor = postprocessor
+
+    def forward(
+        self, images: torch.Tensor, orig_target_sizes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """As :meth:`DeployModel.forward`, plus ``edge_std`` ``(B, K, 4)`` pixels (l, t, r, b)."""
+        outputs = self.network(images)
+        labels, boxes, scores, edge_std = self.postprocessor.forward_with_edge_std(
+            outputs, orig_target_sizes
+        )
+        return labels, boxes, scores, edge_std
+
+
 def _size_hw(imgsz: int | tuple[int, int]) -> tuple[int, int]:
     h, w = (imgsz, imgsz) if isinstance(imgsz, int) else imgsz
     if h < 32 or w < 32 or h % 32 or w % 32:
@@ -77,6 +111,7 @@ def export_onnx(
     opset: int = 17,
     dynamic_batch: bool = True,
     class_names: Sequence[str] | None = None,
+    edge_std: bool = False,
 ) -> Path:
     """Export ``model`` + ``postprocessor`` to a deploy ONNX file and check it.
 
@@ -88,6 +123,8 @@ def export_onnx(
         opset: ONNX opset, at least 17.
         dynamic_batch: a dynamic batch axis (else fixed at 1).
         class_names: stored in the metadata; default COCO for 80 classes else ``class_<i>``.
+        edge_std: add the ``edge_std`` output (``DeployModelWithEdgeStd``); off by default, so
+            the file has exactly the official outputs.
 
     Returns:
         ``path``, written and passed by ``onnx.checker.check_model``.
@@ -107,13 +144,18 @@ def export_onnx(
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
 
-    deploy = DeployModel(model, postprocessor).eval()
+    deploy: nn.Module = (
+        DeployModelWithEdgeStd(model, postprocessor)
+        if edge_std
+        else DeployModel(model, postprocessor)
+    ).eval()
+    output_names = (*OUTPUT_NAMES, EDGE_STD_OUTPUT) if edge_std else OUTPUT_NAMES
     param = next(deploy.parameters(), None)
     device = param.device if param is not None else torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
     images = torch.rand(1, 3, *size_hw, generator=generator).to(device)
     sizes = torch.tensor([[size_hw[1], size_hw[0]]], dtype=torch.int64, device=device)
-    dynamic_axes = {name: {0: "batch"} for name in (*INPUT_NAMES, *OUTPUT_NAMES)}
+    dynamic_axes = {name: {0: "batch"} for name in (*INPUT_NAMES, *output_names)}
 
     # The legacy TorchScript exporter, not dynamo: on D-FINE it exports in ~3 s against ~26 s,
     # keeps the weights in one file (dynamo writes a separate .data file), and its batch axis
@@ -134,7 +176,7 @@ def export_onnx(
             dynamo=False,
             opset_version=opset,
             input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
+            output_names=list(output_names),
             dynamic_axes=dynamic_axes if dynamic_batch else None,
             do_constant_folding=True,
         )
@@ -156,12 +198,13 @@ def export_onnx(
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     logger.info(
-        "exported %s: %dx%d, opset %d, %s batch, %d classes",
+        "exported %s: %dx%d, opset %d, %s batch, %d classes%s",
         path,
         *size_hw,
         opset,
         "dynamic" if dynamic_batch else "fixed",
         num_classes,
+        ", edge_std output" if edge_std else "",
     )
     return path
 
@@ -175,6 +218,7 @@ def export_from_checkpoint(
     opset: int = 17,
     *,
     dynamic_batch: bool = True,
+    edge_std: bool = False,
 ) -> Path:
     """Export a checkpoint with :func:`export_onnx`: its size, class count and class names are
     read from the file (:func:`dfine.model_info.read_model_info`); ``size``/``num_classes``,
@@ -206,4 +250,5 @@ def export_from_checkpoint(
         opset=opset,
         dynamic_batch=dynamic_batch,
         class_names=info.class_names,
+        edge_std=edge_std,
     )

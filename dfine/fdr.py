@@ -105,3 +105,60 @@ class LQE(nn.Module):
         top, _ = prob.topk(self.k, dim=-1)
         stat = torch.cat([top, top.mean(dim=-1, keepdim=True)], dim=-1)
         return scores + self.reg_conf(stat.reshape(b, q, -1))
+
+
+def distribution_std(
+    corner_logits: torch.Tensor, project: torch.Tensor, reg_max: int
+) -> torch.Tensor:
+    """Spread of each edge's distribution: ``sqrt(sum_n p_n (W(n) - mean)^2)``, ``mean = sum_n p_n W(n)``.
+
+    ``p = softmax(logits)`` over the ``reg_max + 1`` bins and ``W(n)`` the bin values the box
+    integral uses (:func:`distribution_integral`), so the result is in the same units as the
+    edge offset (``box size / reg_scale``). A peaked distribution gives a small spread, a flat
+    one a large spread (at most ``2 * |up| * |reg_scale|``, half the range of W).
+
+    Args:
+        corner_logits: ``(..., 4 * (reg_max + 1))``, edges in order left, top, right, bottom.
+        project: W(n), ``(reg_max + 1,)``.
+
+    Returns:
+        ``(..., 4)``, non-negative.
+    """
+    shape = corner_logits.shape[:-1]
+    prob = F.softmax(corner_logits.reshape(-1, reg_max + 1).float(), dim=1)
+    values = project.to(prob.dtype)[None]
+    mean = (prob * values).sum(dim=1, keepdim=True)
+    # Centred second moment (not E[W^2] - mean^2): no cancellation for a peaked distribution.
+    var = (prob * (values - mean) ** 2).sum(dim=1)
+    return var.clamp(min=0.0).sqrt().reshape(*shape, 4)
+
+
+def edge_std_normalized(
+    corner_logits: torch.Tensor,
+    reference: torch.Tensor,
+    project: torch.Tensor,
+    reg_max: int,
+    reg_scale: torch.Tensor,
+) -> torch.Tensor:
+    """Per-edge spread in normalized image units, scaled as :func:`distance_to_box` scales offsets.
+
+    An edge sits at ``centre ± (reg_scale / 2 + d) * size / reg_scale``, so a spread ``s`` of
+    ``d`` (:func:`distribution_std`) is a spread ``s * w / reg_scale`` of the left and right
+    edges and ``s * h / reg_scale`` of the top and bottom ones, ``w``/``h`` the reference box's.
+
+    Args:
+        corner_logits: ``(..., 4 * (reg_max + 1))``, the final layer's, edges left, top, right,
+            bottom.
+        reference: ``(..., 4)`` normalized cx, cy, w, h: the boxes the offsets start from.
+        project: W(n), ``(reg_max + 1,)``.
+        reg_scale: ``(1,)``.
+
+    Returns:
+        ``(..., 4)`` spreads of left, top, right, bottom as fractions of the image width
+        (left, right) and height (top, bottom).
+    """
+    std = distribution_std(corner_logits, project, reg_max)
+    scale = reg_scale.abs().to(std.dtype)
+    w, h = reference[..., 2].to(std.dtype), reference[..., 3].to(std.dtype)
+    size = torch.stack([w, h, w, h], dim=-1)
+    return std * size / scale

@@ -167,6 +167,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="also build a TensorRT engine (needs the tensorrt extra)",
     )
     export.add_argument("--max-batch", type=int, default=8)
+    export.add_argument(
+        "--edge-std",
+        action="store_true",
+        help="add an edge_std output: each box's per-edge spread in pixels (FDR distributions)",
+    )
     export.set_defaults(handler=_cmd_export)
 
     listen = commands.add_parser("listen", help="print the events a pipeline publishes over ZeroMQ")
@@ -314,7 +319,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"{args.checkpoint}: not a checkpoint; export takes a .pth")
     onnx_path = args.output or args.checkpoint.with_suffix(f".{args.imgsz}.onnx")
     export_from_checkpoint(
-        args.checkpoint, args.size, args.num_classes, onnx_path, args.imgsz, args.opset
+        args.checkpoint,
+        args.size,
+        args.num_classes,
+        onnx_path,
+        args.imgsz,
+        args.opset,
+        edge_std=args.edge_std,
     )
     print(f"wrote {onnx_path}", file=sys.stderr)
 

@@ -10,7 +10,9 @@ overlay) -> scene``. The concrete ones draw in place on a canvas they are given 
 once for several. ``AnalyticsAnnotator`` draws a frame's ``AnalyticsOverlay`` (its packet's
 ``analytics``): each counting line with an arrow across it pointing the ``in`` way, each zone's
 outline, and a panel of live counters (per line: in / out with the classes; per zone: who is
-inside).
+inside). ``EdgeSpreadAnnotator`` (``edge_std_band``) shades a translucent band around each box
+edge, ± k standard deviations wide, where the model gives per-edge spreads (``edge_std_px``):
+a thin band is a sure edge, a wide one an unsure one.
 
 Colours: one per track id; untracked rows (id -1) take their class's colour.
 
@@ -104,6 +106,56 @@ class BoxAnnotator(Annotator):
             cv2.rectangle(
                 canvas_rgb_u8, (x1, y1), (x2, y2), color_for(track_id, class_id), self.thickness
             )
+
+
+class EdgeSpreadAnnotator(Annotator):
+    """A translucent band ``edge ± sigmas * std`` along each box edge (rows with ``edge_std_px``).
+
+    Args:
+        sigmas: the band's half-width in standard deviations of the edge.
+        opacity: the band's weight over the picture, in (0, 1].
+    """
+
+    def __init__(self, sigmas: float = 1.0, opacity: float = 0.35) -> None:
+        if not sigmas > 0:
+            raise ValueError(f"sigmas must be > 0, got {sigmas}")
+        if not 0 < opacity <= 1:
+            raise ValueError(f"opacity must be in (0, 1], got {opacity}")
+        self.sigmas = float(sigmas)
+        self.opacity = float(opacity)
+
+    def draw(
+        self, canvas_rgb_u8: np.ndarray, detections: Detections, class_names: Sequence[str]
+    ) -> None:
+        spread = detections.edge_std_px
+        if spread is None or len(detections) == 0:
+            return
+        height, width = canvas_rgb_u8.shape[:2]
+        rows = [r for r in _row_indices(detections) if np.isfinite(spread[r]).all()]
+        if not rows:
+            return
+        bands = canvas_rgb_u8.copy()
+        for row in rows:
+            x1, y1, x2, y2 = detections.boxes_xyxy[row].astype(np.float64).tolist()
+            half = (self.sigmas * np.asarray(spread[row], dtype=np.float64)).tolist()
+            color = color_for(int(detections.track_ids[row]), int(detections.class_ids[row]))
+            # left, top, right, bottom: each band spans the edge's length and ± its spread.
+            for bx1, by1, bx2, by2 in (
+                (x1 - half[0], y1, x1 + half[0], y2),
+                (x1, y1 - half[1], x2, y1 + half[1]),
+                (x2 - half[2], y1, x2 + half[2], y2),
+                (x1, y2 - half[3], x2, y2 + half[3]),
+            ):
+                p1 = (
+                    int(np.clip(round(bx1), 0, width - 1)),
+                    int(np.clip(round(by1), 0, height - 1)),
+                )
+                p2 = (
+                    int(np.clip(round(bx2), 0, width - 1)),
+                    int(np.clip(round(by2), 0, height - 1)),
+                )
+                cv2.rectangle(bands, p1, p2, color, cv2.FILLED)
+        cv2.addWeighted(bands, self.opacity, canvas_rgb_u8, 1.0 - self.opacity, 0.0, canvas_rgb_u8)
 
 
 class LabelAnnotator(Annotator):
@@ -379,6 +431,8 @@ class AnnotateConfig:
         show_score: put the score in the caption.
         show_track_id: put ``#id`` in the caption for tracked rows.
         trail_length: frames of track history drawn as a line; 0 turns trails off.
+        edge_std_band: shade a band ± this many standard deviations around each box edge where
+            the model gives per-edge spreads (``edge_std_px``); 0 turns it off.
     """
 
     box_thickness: int = 2
@@ -386,6 +440,7 @@ class AnnotateConfig:
     show_score: bool = True
     show_track_id: bool = True
     trail_length: int = 0
+    edge_std_band: float = 0.0
 
     def __post_init__(self) -> None:
         if self.box_thickness < 1:
@@ -398,6 +453,10 @@ class AnnotateConfig:
             raise ValueError(
                 f"annotate.trail_length must be 0 (off) or >= 2, got {self.trail_length}"
             )
+        if not self.edge_std_band >= 0:
+            raise ValueError(
+                f"annotate.edge_std_band must be >= 0 (0: off), got {self.edge_std_band}"
+            )
 
 
 def make_annotator(config: AnnotateConfig) -> Annotator:
@@ -405,6 +464,9 @@ def make_annotator(config: AnnotateConfig) -> Annotator:
     parts: list[Annotator] = []
     if config.trail_length:
         parts.append(TrailAnnotator(length=config.trail_length, thickness=config.box_thickness))
+    if config.edge_std_band > 0:
+        # Under the box lines, so the predicted edge stays sharp inside its band.
+        parts.append(EdgeSpreadAnnotator(sigmas=config.edge_std_band))
     parts.append(BoxAnnotator(thickness=config.box_thickness))
     if config.text_scale > 0:
         parts.append(LabelAnnotator(config.text_scale, config.show_score, config.show_track_id))

@@ -27,7 +27,7 @@ import enum
 import json
 import time
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Final, Literal, TypedDict
+from typing import Annotated, Any, Final, Literal, NotRequired, TypedDict
 from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
@@ -148,6 +148,15 @@ class DetectionRecord(TypedDict):
     track_id: Annotated[
         int | None,
         "the tracker's id; `null` when not tracked (no tracker, or not yet confirmed)",
+    ]
+    edge_std_px: NotRequired[
+        Annotated[
+            list[float],
+            "`[left, top, right, bottom]`: the standard deviation of each box edge in pixels, "
+            "from D-FINE's edge distributions; only when the model gives it (the torch backend, "
+            "an ONNX export made with `--edge-std`), absent otherwise",
+            {"minItems": 4, "maxItems": 4},
+        ]
     ]
 
 
@@ -458,8 +467,10 @@ def detection_records(
     """The ``detections`` of a ``frame`` event: the one serialisation of ``Detections``.
 
     ``detections``: boxes float ``(n, 4)`` xyxy pixels, scores ``(n,)``, class and track ids
-    ``(n,)`` int (track id -1: untracked, written ``null``). Rows with a non-finite box or score
-    (a broken model output) are left out: JSON has no NaN, and such a box locates nothing.
+    ``(n,)`` int (track id -1: untracked, written ``null``), and ``edge_std_px`` ``(n, 4)``
+    pixels when the model gave it (written as ``edge_std_px``, else the key is absent). Rows
+    with a non-finite box or score (a broken model output) are left out: JSON has no NaN, and
+    such a box locates nothing.
     """
     if detections is None or len(detections) == 0:
         return []
@@ -472,7 +483,7 @@ def detection_records(
     rounded = np.round(scores[rows], _SCORE_DECIMALS).tolist()
     class_ids = detections.class_ids[rows].tolist()
     track_ids = detections.track_ids[rows].tolist()
-    return [
+    records = [
         DetectionRecord(
             box_xyxy=box,
             score=score,
@@ -482,6 +493,13 @@ def detection_records(
         )
         for box, score, class_id, track_id in zip(boxes, rounded, class_ids, track_ids)
     ]
+    if detections.edge_std_px is not None:
+        spread = np.nan_to_num(
+            detections.edge_std_px[rows].astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0
+        )
+        for record, std in zip(records, np.round(spread, _BOX_DECIMALS).tolist()):
+            record["edge_std_px"] = std
+    return records
 
 
 def frame_event(

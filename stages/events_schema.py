@@ -9,8 +9,9 @@ files are what this module makes, and validates real runs against the file.
 Regenerate both after changing an event: ``python -m stages.events_schema``.
 
 The schema is strict (``additionalProperties: false``): it describes exactly what this version
-sends, so a test catches an undocumented field. Consumers should still ignore fields they do not
-know (docs/events.md, Versioning). Pure functions, except ``write_docs``.
+sends, so a test catches an undocumented field. A field typed ``NotRequired[...]`` is sent only
+sometimes (its table row says "optional"); every other field is required. Consumers should
+still ignore fields they do not know (docs/events.md, Versioning). Pure functions, except ``write_docs``.
 """
 
 from __future__ import annotations
@@ -114,7 +115,18 @@ _ENVELOPE = ("v", "type", "stream", "time_unix_s")
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls, include_extras=True)
+    """Field types with any ``NotRequired`` wrapper removed (see :func:`_optional_fields`)."""
+    return {
+        name: typing.get_args(tp)[0] if typing.get_origin(tp) is typing.NotRequired else tp
+        for name, tp in typing.get_type_hints(cls, include_extras=True).items()
+    }
+
+
+def _optional_fields(cls: type) -> set[str]:
+    """Fields typed ``NotRequired[...]``, read from the hints: with postponed annotations
+    (``from __future__ import annotations``) ``__required_keys__`` lists every field."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    return {name for name, tp in hints.items() if typing.get_origin(tp) is typing.NotRequired}
 
 
 def _split(tp: Any) -> tuple[Any, str, dict[str, Any]]:
@@ -169,7 +181,7 @@ def _object_schema(cls: type, defs: dict[str, Any]) -> None:
         "type": "object",
         "description": _doc_line(cls),
         "properties": properties,
-        "required": list(properties),
+        "required": [name for name in properties if name not in _optional_fields(cls)],
         "additionalProperties": False,
     }
 
@@ -196,6 +208,7 @@ def _type_name(tp: Any, nested: dict[str, type]) -> str:
 
 def _table(cls: type, nested: dict[str, type], *, envelope: bool) -> list[str]:
     rows = ["| field | type | meaning |", "|---|---|---|"]
+    optional = _optional_fields(cls)
     for name, tp in _hints(cls).items():
         if not envelope and name in _ENVELOPE:
             continue  # the envelope has its own table in the prose above
@@ -203,6 +216,8 @@ def _table(cls: type, nested: dict[str, type], *, envelope: bool) -> list[str]:
         kind = _type_name(bare, nested)
         if "minItems" in extra and extra.get("minItems") == extra.get("maxItems"):
             kind += f" ({extra['minItems']} items)"
+        if name in optional:
+            kind += ", optional"
         meaning = text.replace("|", "\\|")
         rows.append(f"| `{name}` | {kind} | {meaning} |")
     return rows

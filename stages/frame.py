@@ -25,12 +25,16 @@ class Detections:
         scores: float32 ``(n,)``, in [0, 1].
         class_ids: int64 ``(n,)``, 0-based index into the model's classes.
         track_ids: int64 ``(n,)``, track id, or -1 where not (yet) tracked.
+        edge_std_px: float32 ``(n, 4)``, the standard deviation of each box's left, top, right
+            and bottom edge in source-frame pixels (D-FINE's edge distributions, see
+            ``dfine.postprocess.EdgeStdNetwork``); ``None`` when the model does not give it.
     """
 
     boxes_xyxy: np.ndarray
     scores: np.ndarray
     class_ids: np.ndarray
     track_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    edge_std_px: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.scores)
@@ -42,6 +46,8 @@ class Detections:
             shape = getattr(self, name).shape
             if shape != (n,):
                 raise ValueError(f"{name} must have shape ({n},), got {shape}")
+        if self.edge_std_px is not None and self.edge_std_px.shape != (n, 4):
+            raise ValueError(f"edge_std_px must have shape ({n}, 4), got {self.edge_std_px.shape}")
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -62,6 +68,7 @@ class Detections:
             scores=self.scores[mask],
             class_ids=self.class_ids[mask],
             track_ids=self.track_ids[mask],
+            edge_std_px=None if self.edge_std_px is None else self.edge_std_px[mask],
         )
 
 

@@ -28,6 +28,13 @@ to this one goes to ``tracker.update(coord_transformations=...)``: norfair then 
 Kalman state in that stabilised frame, and matches (and we write) boxes in image pixels. Its cost
 per frame is the ``track`` row's ``motion_ms_per_frame`` counter in the stage table.
 
+Spread-weighted matching (``spread_weight`` > 0, for a model that gives per-edge spreads,
+``Detections.edge_std_px``): norfair cannot take a per-detection measurement noise (its
+``TrackedObject.hit`` always calls the Kalman filter's ``update`` with ``R=None``, so the
+filter's ``R`` is one number for all detections), so the spread scales the matching distance
+instead (:func:`spread_scaled_distance`): a detection whose edges the model is unsure of is
+forgiven the part of its ``1 - IoU`` its own spread explains.
+
 Thread: runs in the tracker stage's thread; the per-stream state is touched by nothing else.
 
 Ownership: the packet's ``Detections`` object is replaced, not modified, so anything holding
@@ -38,6 +45,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import math
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -236,6 +244,9 @@ class TrackConfig:
             as "car" and "truck"); only the higher-scoring one is tracked, the other keeps
             track id -1. Without this each would get a track and be counted twice. 1.0: off.
         camera_motion: compensation of a moving camera (``CameraMotionConfig``); off by default.
+        spread_weight: scale each detection's ``1 - IoU`` by ``1 / (1 + spread_weight * e)``,
+            ``e`` the ``1 - IoU`` its per-edge spreads alone would cause
+            (:func:`spread_scaled_distance`); 0 (default) or a model without spreads: plain IoU.
     """
 
     distance_threshold: float = 0.7
@@ -246,8 +257,11 @@ class TrackConfig:
     class_aware: bool = True
     duplicate_iou: float = 0.85
     camera_motion: CameraMotionConfig = field(default_factory=CameraMotionConfig)
+    spread_weight: float = 0.0
 
     def __post_init__(self) -> None:
+        if not self.spread_weight >= 0:
+            raise ValueError(f"track.spread_weight must be >= 0 (0: off), got {self.spread_weight}")
         if not 0.0 < self.duplicate_iou <= 1.0:
             raise ValueError(
                 f"track.duplicate_iou must be in (0, 1] (1.0: off), got {self.duplicate_iou}"
@@ -293,6 +307,50 @@ def iou_distance(
     if not union > 0.0:  # also catches NaN
         return 1.0
     return 1.0 - inter / union
+
+
+class SpreadDetection(norfair.Detection):  # type: ignore[misc]
+    """A norfair ``Detection`` that also carries ``noise_distance``: the ``1 - IoU`` its box's
+    per-edge spreads alone would cause (:func:`expected_noise_distance`)."""
+
+    def __init__(self, *args: Any, noise_distance: float = 0.0, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.noise_distance = float(noise_distance)
+
+
+def expected_noise_distance(boxes_xyxy: np.ndarray, edge_std_px: np.ndarray) -> np.ndarray:
+    """float64 ``(n,)``: the ``1 - IoU`` between a box and itself with its edges moved by their
+    spreads, to first order: ``sqrt(2 / pi) * (s_l / w + s_r / w + s_t / h + s_b / h)``.
+
+    An edge off by ``delta`` changes ``1 - IoU`` by about ``|delta| / side`` for small offsets,
+    and ``E|delta| = std * sqrt(2 / pi)`` for a normal error. Sides under 1 px count as 1 px.
+
+    Args:
+        boxes_xyxy: float ``(n, 4)`` pixels. edge_std_px: float ``(n, 4)`` pixels, l, t, r, b.
+    """
+    boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    spread = np.nan_to_num(np.asarray(edge_std_px, dtype=np.float64).reshape(-1, 4), nan=0.0)
+    w = np.maximum(boxes[:, 2] - boxes[:, 0], 1.0)
+    h = np.maximum(boxes[:, 3] - boxes[:, 1], 1.0)
+    relative = (spread[:, 0] + spread[:, 2]) / w + (spread[:, 1] + spread[:, 3]) / h
+    out: np.ndarray = math.sqrt(2.0 / math.pi) * np.clip(relative, 0.0, None)
+    return out
+
+
+def spread_scaled_distance(
+    weight: float,
+) -> Callable[[norfair.Detection, norfair.tracker.TrackedObject], float]:
+    """A distance ``iou_distance / (1 + weight * noise_distance)`` (``SpreadDetection``); a
+    plain ``Detection`` (no spreads) gets the plain ``iou_distance``. Same range, [0, 1]."""
+
+    def distance(
+        detection: norfair.Detection, tracked_object: norfair.tracker.TrackedObject
+    ) -> float:
+        plain = iou_distance(detection, tracked_object)
+        noise = getattr(detection, "noise_distance", 0.0)
+        return plain / (1.0 + weight * noise)
+
+    return distance
 
 
 @dataclass
@@ -346,7 +404,9 @@ class Tracker(StageBase[FramePacket]):
     def _new_tracker(self) -> norfair.Tracker:
         c = self.config
         return norfair.Tracker(
-            distance_function=iou_distance,
+            distance_function=(
+                spread_scaled_distance(c.spread_weight) if c.spread_weight > 0 else iou_distance
+            ),
             distance_threshold=c.distance_threshold,
             hit_counter_max=c.hit_counter_max,
             initialization_delay=c.initialization_delay,
@@ -398,6 +458,7 @@ class Tracker(StageBase[FramePacket]):
                 scores=dets.scores,
                 class_ids=dets.class_ids,
                 track_ids=track_ids,
+                edge_std_px=dets.edge_std_px,
             )
             boxes = dets.boxes_xyxy.tolist()
             for row, track_id in enumerate(track_ids.tolist()):
@@ -508,11 +569,25 @@ def cross_class_duplicates(dets: Detections, iou_threshold: float) -> np.ndarray
 
 def _to_norfair(dets: Detections, config: TrackConfig) -> list[norfair.Detection]:
     """One norfair Detection per row kept (see ``duplicate_iou``), points
-    ``[[x1, y1], [x2, y2]]``, ``data`` the row index."""
+    ``[[x1, y1], [x2, y2]]``, ``data`` the row index; a ``SpreadDetection`` when
+    ``spread_weight`` is on and the rows have spreads."""
     boxes = dets.boxes_xyxy.astype(np.float64).reshape(-1, 2, 2)
     scores = dets.scores.astype(np.float64)
     labels = dets.class_ids.tolist()
     duplicate = cross_class_duplicates(dets, config.duplicate_iou)
+    if config.spread_weight > 0 and dets.edge_std_px is not None:
+        noise = expected_noise_distance(dets.boxes_xyxy, dets.edge_std_px).tolist()
+        return [
+            SpreadDetection(
+                points=boxes[i],
+                scores=np.array([scores[i], scores[i]]),
+                data=i,
+                label=labels[i] if config.class_aware else None,
+                noise_distance=noise[i],
+            )
+            for i in range(len(dets))
+            if not duplicate[i]
+        ]
     return [
         norfair.Detection(
             points=boxes[i],

@@ -11,7 +11,7 @@ package needs neither.
 
 from __future__ import annotations
 
-from dfine.backends.base import DetectorBackend
+from dfine.backends.base import BackendOutput, DetectorBackend
 from dfine.backends.class_names import resolve_class_names
 from dfine.backends.onnx_backend import OnnxRuntimeBackend
 from dfine.backends.tensorrt_backend import (
@@ -23,6 +23,7 @@ from dfine.backends.tensorrt_build import EngineBuildError, build_engine, trtexe
 from dfine.backends.torch_backend import TorchBackend
 
 __all__ = [
+    "BackendOutput",
     "DetectorBackend",
     "EngineBuildError",
     "OnnxRuntimeBackend",

@@ -2,7 +2,8 @@
 
 The file must be a deploy export: inputs ``images`` float32 ``(B, 3, H, W)`` and
 ``orig_target_sizes`` int64 ``(B, 2)`` (width, height), outputs ``labels``, ``boxes`` (xyxy
-pixels) and ``scores``, postprocessing inside the graph. Batch may be dynamic; H and W are read
+pixels) and ``scores``, postprocessing inside the graph, and optionally ``edge_std`` (found by
+name; ``detect`` returns it as ``edge_std_px``). Batch may be dynamic; H and W are read
 from the graph. Inputs are handed to ONNX Runtime as host arrays, so ``device`` is the CPU even
 with the CUDA execution provider (which copies them over itself).
 """
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from dfine.backends.base import BackendOutput
 from dfine.backends.class_names import resolve_class_names
 from dfine.checkpoint import CheckpointError
 
@@ -27,6 +29,8 @@ logger = logging.getLogger(__name__)
 
 INPUT_NAMES = ("images", "orig_target_sizes")
 OUTPUT_NAMES = ("labels", "boxes", "scores")
+#: The optional fourth output of ``finestream export --edge-std``: per-edge spreads in pixels.
+EDGE_STD_OUTPUT = "edge_std"
 #: metadata_props keys our exporter writes (dfine/export.py); other files may lack them.
 META_CLASS_NAMES = "class_names"
 META_NUM_CLASSES = "num_classes"
@@ -111,6 +115,9 @@ class OnnxRuntimeBackend:
                 f"{outputs}; expected inputs {list(INPUT_NAMES)} and outputs "
                 f"{list(OUTPUT_NAMES)}); export with `finestream export`"
             )
+        #: whether the file has the ``edge_std`` output (``detect`` then returns it).
+        self.provides_edge_std = EDGE_STD_OUTPUT in outputs
+        self._run_names = [*OUTPUT_NAMES, EDGE_STD_OUTPUT] if self.provides_edge_std else None
         self.input_size_hw: tuple[int, int] = _input_size(
             self.path, inputs["images"].shape, input_size_hw
         )
@@ -125,12 +132,13 @@ class OnnxRuntimeBackend:
         self.num_classes = num_classes
         self.class_names: list[str] = resolve_class_names(num_classes, class_names)
         logger.info(
-            "ONNX Runtime: %s, input %dx%d, %d classes, providers %s",
+            "ONNX Runtime: %s, input %dx%d, %d classes, providers %s%s",
             self.path.name,
             self.input_size_hw[0],
             self.input_size_hw[1],
             num_classes,
             self.providers,
+            ", edge_std output" if self.provides_edge_std else "",
         )
 
     def __call__(
@@ -146,16 +154,27 @@ class OnnxRuntimeBackend:
             ``labels`` int64 ``(B, K)``, ``boxes_xyxy`` float32 ``(B, K, 4)`` in original pixels,
             ``scores`` float32 ``(B, K)``: fresh arrays from ONNX Runtime, owned by the caller.
         """
+        out = self._run(images, orig_sizes_wh, list(OUTPUT_NAMES))
+        return out.labels, out.boxes_xyxy, out.scores
+
+    def detect(self, images: torch.Tensor, orig_sizes_wh: torch.Tensor) -> BackendOutput:
+        """``__call__``'s detections plus ``edge_std_px`` when the file has ``edge_std``."""
+        return self._run(images, orig_sizes_wh, self._run_names or list(OUTPUT_NAMES))
+
+    def _run(
+        self, images: torch.Tensor, orig_sizes_wh: torch.Tensor, names: list[str]
+    ) -> BackendOutput:
         check_inputs(images, orig_sizes_wh, self.input_size_hw)
         feed = {
             "images": images.detach().to("cpu", torch.float32).contiguous().numpy(),
             "orig_target_sizes": orig_sizes_wh.detach().to("cpu", torch.int64).contiguous().numpy(),
         }
-        labels, boxes, scores = self._session.run(list(OUTPUT_NAMES), feed)
-        return (
-            np.asarray(labels, dtype=np.int64),
-            np.asarray(boxes, dtype=np.float32),
-            np.asarray(scores, dtype=np.float32),
+        labels, boxes, scores, *rest = self._session.run(names, feed)
+        return BackendOutput(
+            labels=np.asarray(labels, dtype=np.int64),
+            boxes_xyxy=np.asarray(boxes, dtype=np.float32),
+            scores=np.asarray(scores, dtype=np.float32),
+            edge_std_px=np.asarray(rest[0], dtype=np.float32) if rest else None,
         )
 
 

@@ -2,7 +2,8 @@
 
 Made by :func:`dfine.backends.tensorrt_build.build_engine` (or ``trtexec``) from a deploy ONNX
 export: inputs ``images`` float32 ``(B, 3, H, W)`` and ``orig_target_sizes`` int64 ``(B, 2)``,
-outputs ``labels``/``boxes``/``scores``. Device buffers are torch CUDA tensors allocated once for
+outputs ``labels``/``boxes``/``scores`` and, from an ``--edge-std`` export, ``edge_std`` (found
+by name; ``detect`` returns it as ``edge_std_px``). Device buffers are torch CUDA tensors allocated once for
 the engine's largest batch; inputs already on the GPU are bound in place (no host round trip).
 The outputs handed back are copied to new host arrays, so the next call cannot overwrite them.
 
@@ -22,8 +23,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from dfine.backends.base import BackendOutput
 from dfine.backends.class_names import resolve_class_names
-from dfine.backends.onnx_backend import INPUT_NAMES, OUTPUT_NAMES, check_inputs
+from dfine.backends.onnx_backend import EDGE_STD_OUTPUT, INPUT_NAMES, OUTPUT_NAMES, check_inputs
 from dfine.checkpoint import CheckpointError
 
 if TYPE_CHECKING:
@@ -165,6 +167,8 @@ class TensorRTBackend:
                 f"expected inputs {list(INPUT_NAMES)} and outputs {list(OUTPUT_NAMES)})"
             )
         self._output_names = outputs
+        #: whether the engine has the ``edge_std`` output (``detect`` then returns it).
+        self.provides_edge_std = EDGE_STD_OUTPUT in outputs
 
         image_shape = dims_list(engine.get_tensor_shape("images"))
         if len(image_shape) != 4 or image_shape[2] < 1 or image_shape[3] < 1:
@@ -229,6 +233,11 @@ class TensorRTBackend:
             ``labels`` int64 ``(B, K)``, ``boxes_xyxy`` float32 ``(B, K, 4)``, ``scores`` float32
             ``(B, K)``: new host arrays; the device buffers stay private to the backend.
         """
+        out = self.detect(images, orig_sizes_wh)
+        return out.labels, out.boxes_xyxy, out.scores
+
+    def detect(self, images: torch.Tensor, orig_sizes_wh: torch.Tensor) -> BackendOutput:
+        """``__call__``'s detections plus ``edge_std_px`` when the engine has ``edge_std``."""
         check_inputs(images, orig_sizes_wh, self.input_size_hw)
         batch = int(images.shape[0])
         low, high = self.batch_range
@@ -256,10 +265,15 @@ class TensorRTBackend:
                 self._context.set_tensor_address(name, buffer.data_ptr())
             if not self._context.execute_async_v3(stream.cuda_stream):
                 raise RuntimeError(f"TensorRT failed to run {self.path.name} (see the log)")
-            host = {name: outputs[name].to("cpu") for name in OUTPUT_NAMES}
+            wanted = (*OUTPUT_NAMES, EDGE_STD_OUTPUT) if self.provides_edge_std else OUTPUT_NAMES
+            host = {name: outputs[name].to("cpu") for name in wanted}
         stream.synchronize()
-        return (
-            host["labels"].numpy().astype(np.int64, copy=False),
-            host["boxes"].numpy().astype(np.float32, copy=False),
-            host["scores"].numpy().astype(np.float32, copy=False),
+        edge_std = host.get(EDGE_STD_OUTPUT)
+        return BackendOutput(
+            labels=host["labels"].numpy().astype(np.int64, copy=False),
+            boxes_xyxy=host["boxes"].numpy().astype(np.float32, copy=False),
+            scores=host["scores"].numpy().astype(np.float32, copy=False),
+            edge_std_px=None
+            if edge_std is None
+            else edge_std.float().numpy().astype(np.float32, copy=False),
         )

@@ -8,6 +8,9 @@ so near-tied scores are ordered as in FP32.
 CUDA graphs (optional) replay one captured forward per batch size from static input buffers;
 the capture happens on the first call of each batch size, after warm-up passes that fill the
 model's per-size caches (anchors) so that no host work is captured.
+
+Every call also computes the boxes' per-edge spreads (``dfine.postprocess.EdgeStdNetwork``: the
+same decoder steps, keeping the last layer's distributions); ``detect`` returns them.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dfine.backends.base import BackendOutput
 from dfine.backends.class_names import resolve_class_names
 from dfine.backends.onnx_backend import check_inputs
 
@@ -36,7 +40,7 @@ class _Graph:
     graph: torch.cuda.CUDAGraph
     images: torch.Tensor
     sizes: torch.Tensor
-    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 class TorchBackend:
@@ -90,6 +94,11 @@ class TorchBackend:
         self.fp16 = fp16
         self.cuda_graphs = cuda_graphs
         self._model = model.to(self.device).eval()
+        from dfine.postprocess import EdgeStdNetwork
+
+        self._network = EdgeStdNetwork(self._model).eval()
+        #: the torch backend always gives ``edge_std_px`` (``detect``).
+        self.provides_edge_std = True
         self._postprocessor = postprocessor.to(self.device).eval()
         num_classes = int(getattr(postprocessor, "num_classes", 0)) or len(class_names or ())
         if num_classes < 1:
@@ -140,18 +149,18 @@ class TorchBackend:
 
     def _forward(
         self, images: torch.Tensor, sizes: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         if self.fp16:
             # No autocast weight cache under CUDA graphs: cached casts would be captured once
             # and freed behind the graph's back.
             with torch.autocast("cuda", dtype=torch.float16, cache_enabled=not self.cuda_graphs):
-                outputs = self._model(images)
+                outputs = self._network(images)
         else:
-            outputs = self._model(images)
+            outputs = self._network(images)
         # The postprocessor on FP32 logits: FP16 sigmoid scores tie far more often.
         outputs = {k: v.float() for k, v in outputs.items()}
-        labels, boxes, scores = self._postprocessor(outputs, sizes)
-        return labels, boxes, scores
+        labels, boxes, scores, edge_std = self._postprocessor.forward_with_edge_std(outputs, sizes)
+        return labels, boxes, scores, edge_std
 
     def _capture(self, batch: int) -> _Graph | None:
         h, w = self.input_size_hw
@@ -192,11 +201,16 @@ class TorchBackend:
             ``labels`` int64 ``(B, K)``, ``boxes_xyxy`` float32 ``(B, K, 4)`` in original pixels,
             ``scores`` float32 ``(B, K)``: new host arrays owned by the caller.
         """
+        out = self.detect(images, orig_sizes_wh)
+        return out.labels, out.boxes_xyxy, out.scores
+
+    def detect(self, images: torch.Tensor, orig_sizes_wh: torch.Tensor) -> BackendOutput:
+        """``__call__``'s detections plus ``edge_std_px`` (float32 ``(B, K, 4)`` pixels)."""
         check_inputs(images, orig_sizes_wh, self.input_size_hw)
         with torch.inference_mode():
             images = images.to(self.device, torch.float32)
             sizes = orig_sizes_wh.to(self.device, torch.int64)
-            outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+            outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
             if self.cuda_graphs:
                 batch = int(images.shape[0])
                 if batch not in self._graphs:
@@ -214,10 +228,11 @@ class TorchBackend:
                     outputs = graph.outputs
             if outputs is None:
                 outputs = self._forward(images, sizes)
-            labels, boxes, scores = (t.to("cpu") for t in outputs)
+            labels, boxes, scores, edge_std = (t.to("cpu") for t in outputs)
         # On the CPU the eager outputs are new tensors per call; from CUDA .to("cpu") copied.
-        return (
-            labels.numpy().astype(np.int64, copy=False),
-            boxes.numpy().astype(np.float32, copy=False),
-            scores.numpy().astype(np.float32, copy=False),
+        return BackendOutput(
+            labels=labels.numpy().astype(np.int64, copy=False),
+            boxes_xyxy=boxes.numpy().astype(np.float32, copy=False),
+            scores=scores.numpy().astype(np.float32, copy=False),
+            edge_std_px=edge_std.numpy().astype(np.float32, copy=False),
         )
