@@ -9,6 +9,8 @@ recorder has its own small lock, held only to append or to copy.
 
 Memory stays bounded on a stream that runs for days: totals are running counters, and the
 percentiles come from a fixed window of the most recent samples (``window`` items per stage).
+The time-per-item histogram (``DurationHistogram``, for a Prometheus scrape) counts every item
+since the start in fixed buckets, so it is bounded too.
 
 Reporting: ``PipelineMetrics`` is a frozen snapshot with ``to_dict()`` (JSON-able),
 ``format_table()`` (the summary at the end of a run) and ``status_line()`` (one short line for a
@@ -18,7 +20,9 @@ as named; a percentile is ``None`` until there is a sample.
 
 from __future__ import annotations
 
+import bisect
 import enum
+import itertools
 import threading
 import time
 from collections import deque
@@ -30,6 +34,8 @@ from pipeline.ring_buffer import BufferStats
 
 __all__ = [
     "DEFAULT_WINDOW",
+    "TIME_PER_ITEM_BUCKETS_S",
+    "DurationHistogram",
     "LatencyMetrics",
     "PipelineMetrics",
     "StageKind",
@@ -41,6 +47,12 @@ __all__ = [
 #: Samples kept per stage for percentiles: enough for stable p99 figures, small enough to copy
 #: for every snapshot (a few microseconds).
 DEFAULT_WINDOW = 2048
+
+#: Upper bounds of the time-per-item histogram's buckets, seconds: from a sink's write (well
+#: under a millisecond) to a large model on a CPU (seconds).
+TIME_PER_ITEM_BUCKETS_S = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
 
 
 class StageKind(enum.Enum):
@@ -95,6 +107,24 @@ class LatencyMetrics:
 
 
 @dataclass(frozen=True)
+class DurationHistogram:
+    """Time inside the stage's call per item, every item since the start, in fixed buckets
+    (cumulative, as a Prometheus histogram has them).
+
+    Attributes:
+        upper_bounds_s: each bucket's upper bound, ascending; the last bucket (+Inf) is ``count``.
+        cumulative_counts: per bound, the items that took at most that long.
+        count: items in all.
+        sum_s: their durations added up.
+    """
+
+    upper_bounds_s: tuple[float, ...]
+    cumulative_counts: tuple[int, ...]
+    count: int
+    sum_s: float
+
+
+@dataclass(frozen=True)
 class StageMetrics:
     """One stage's figures.
 
@@ -118,6 +148,7 @@ class StageMetrics:
             counted. Unlike ``busy_fraction``, which also counts time spent waiting for a core,
             this is work done: a stage whose calls take longer than its CPU time is being held
             up, not working.
+        time_per_item: the histogram of time inside the call, since the start.
     """
 
     name: str
@@ -132,6 +163,7 @@ class StageMetrics:
     running: bool
     latency: LatencyMetrics | None = None
     cpu_s: float | None = None
+    time_per_item: DurationHistogram | None = None
 
     @property
     def cpu_ms_per_item(self) -> float | None:
@@ -166,6 +198,9 @@ class StageRecorder:
         self._recent: deque[tuple[float, float]] = deque(maxlen=window)
         self._latency_count = 0
         self._latency_s: deque[float] = deque(maxlen=window)
+        # Per bucket of TIME_PER_ITEM_BUCKETS_S, plus one for longer: items, since the start.
+        self._bucket_items = [0] * (len(TIME_PER_ITEM_BUCKETS_S) + 1)
+        self._item_s = 0.0
         # The stage thread's CPU clock, readable from any thread while it runs; its final
         # reading is kept when the thread finishes (the clock dies with the thread).
         self._cpu_clock: int | None = None
@@ -202,6 +237,8 @@ class StageRecorder:
             self._items += 1
             self._busy_s += duration
             self._recent.append((start_s, duration))
+            self._bucket_items[bisect.bisect_left(TIME_PER_ITEM_BUCKETS_S, duration)] += 1
+            self._item_s += duration
 
     def record_busy(self, start_s: float, end_s: float) -> None:
         """Work that is not an item (a processor's ``flush()``): counts in the busy fraction."""
@@ -246,6 +283,8 @@ class StageRecorder:
             recent = list(self._recent)
             latency_count = self._latency_count
             latency = list(self._latency_s)
+            bucket_items = list(self._bucket_items)
+            item_s = self._item_s
         end = finished if finished is not None else (time.monotonic() if now_s is None else now_s)
         fps = recent_fps = busy = recent_busy = 0.0
         if first is not None and end > first:
@@ -274,6 +313,12 @@ class StageRecorder:
                 else None
             ),
             cpu_s=cpu_s,
+            time_per_item=DurationHistogram(
+                upper_bounds_s=TIME_PER_ITEM_BUCKETS_S,
+                cumulative_counts=tuple(itertools.accumulate(bucket_items[:-1])),
+                count=items,
+                sum_s=item_s,
+            ),
         )
 
 
