@@ -3,7 +3,8 @@
 Recording: each stage thread owns one ``StageRecorder`` (made and kept by the ``Pipeline``, no
 globals) and calls ``record_item()`` after each item: a source around its ``next()``, a
 processor around ``process()``, a sink around ``write()``; a sink also calls
-``record_latency()`` with the time from the source's yield to the end of the write. Any other
+``record_latency()`` with the time from the source's yield to the end of the write; a batched
+processor calls ``record_batch()`` once per batch instead (its items and the batch size). Any other
 thread (the CLI's status display, a signal handler) may call ``snapshot()`` at any time: each
 recorder has its own small lock, held only to append or to copy.
 
@@ -149,6 +150,9 @@ class StageMetrics:
             this is work done: a stage whose calls take longer than its CPU time is being held
             up, not working.
         time_per_item: the histogram of time inside the call, since the start.
+        batches: calls of a batched processor (``process_batch()``); 0 for any other stage.
+        batch_size_counts: how many batches had each size: ``batch_size_counts[k]`` batches of
+            ``k + 1`` items, since the start (empty for a stage that takes no batches).
     """
 
     name: str
@@ -164,6 +168,16 @@ class StageMetrics:
     latency: LatencyMetrics | None = None
     cpu_s: float | None = None
     time_per_item: DurationHistogram | None = None
+    batches: int = 0
+    batch_size_counts: tuple[int, ...] = ()
+
+    @property
+    def batch_size_mean(self) -> float | None:
+        """Items per batch over all batches so far; ``None`` for a stage without batches."""
+        if not self.batches:
+            return None
+        items = sum((k + 1) * n for k, n in enumerate(self.batch_size_counts))
+        return items / self.batches
 
     @property
     def cpu_ms_per_item(self) -> float | None:
@@ -201,6 +215,9 @@ class StageRecorder:
         # Per bucket of TIME_PER_ITEM_BUCKETS_S, plus one for longer: items, since the start.
         self._bucket_items = [0] * (len(TIME_PER_ITEM_BUCKETS_S) + 1)
         self._item_s = 0.0
+        # Batches of each size (index = size - 1): a batch is never larger than its max_batch,
+        # so this stays small however long the run.
+        self._batch_sizes: list[int] = []
         # The stage thread's CPU clock, readable from any thread while it runs; its final
         # reading is kept when the thread finishes (the clock dies with the thread).
         self._cpu_clock: int | None = None
@@ -239,6 +256,26 @@ class StageRecorder:
             self._recent.append((start_s, duration))
             self._bucket_items[bisect.bisect_left(TIME_PER_ITEM_BUCKETS_S, duration)] += 1
             self._item_s += duration
+
+    def record_batch(self, start_s: float, end_s: float, size: int) -> None:
+        """A batch of ``size`` items took ``[start_s, end_s]`` in one call: counted as ``size``
+        items, each taking an equal share of the time, and one batch of that size."""
+        if size < 1:
+            raise ValueError(f"a batch holds at least one item, got size {size}")
+        duration = max(0.0, end_s - start_s)
+        share = duration / size
+        bucket = bisect.bisect_left(TIME_PER_ITEM_BUCKETS_S, share)
+        with self._lock:
+            if self._first_start_s is None:
+                self._first_start_s = start_s
+            self._items += size
+            self._busy_s += duration
+            self._recent.extend((start_s + i * share, share) for i in range(size))
+            self._bucket_items[bucket] += size
+            self._item_s += duration
+            if len(self._batch_sizes) < size:
+                self._batch_sizes.extend([0] * (size - len(self._batch_sizes)))
+            self._batch_sizes[size - 1] += 1
 
     def record_busy(self, start_s: float, end_s: float) -> None:
         """Work that is not an item (a processor's ``flush()``): counts in the busy fraction."""
@@ -285,6 +322,7 @@ class StageRecorder:
             latency = list(self._latency_s)
             bucket_items = list(self._bucket_items)
             item_s = self._item_s
+            batch_sizes = tuple(self._batch_sizes)
         end = finished if finished is not None else (time.monotonic() if now_s is None else now_s)
         fps = recent_fps = busy = recent_busy = 0.0
         if first is not None and end > first:
@@ -319,6 +357,8 @@ class StageRecorder:
                 count=items,
                 sum_s=item_s,
             ),
+            batches=sum(batch_sizes),
+            batch_size_counts=batch_sizes,
         )
 
 
@@ -390,6 +430,8 @@ class PipelineMetrics:
     def to_dict(self) -> dict[str, Any]:
         """Plain dicts, lists, numbers, strings and ``None`` (enums as their values)."""
         d = _json_value(asdict(self))
+        for stage, stage_dict in zip(self.stages, d["stages"]):
+            stage_dict["batch_size_mean"] = stage.batch_size_mean
         d["counters"] = {name: dict(values) for name, values in self.counters.items()}
         d["dropped"] = self.dropped
         return dict(d)
@@ -406,6 +448,13 @@ class PipelineMetrics:
                 f"{s.busy_fraction * 100:>4.0f}% {_fmt(s.time_per_item_p50_ms, '.2f'):>8} "
                 f"{_fmt(s.time_per_item_p95_ms, '.2f'):>8} {_fmt(s.cpu_ms_per_item, '.2f'):>8}"
             )
+        for s in self.stages:
+            if s.batches:
+                sizes = "  ".join(f"{k + 1}: {n}" for k, n in enumerate(s.batch_size_counts) if n)
+                lines.append(
+                    f"{s.name} batch size: mean {s.batch_size_mean:.2f} over {s.batches} "
+                    f"batches (size: batches  {sizes})"
+                )
         if self.buffers:
             lines.append("")
             lines.append(
@@ -446,7 +495,10 @@ class PipelineMetrics:
             if s.kind is StageKind.SOURCE:
                 parts.append(f"{s.name} {s.recent_fps:.1f} fps")
             elif s.kind is StageKind.PROCESSOR:
-                parts.append(f"{s.name} {s.recent_fps:.1f} fps {s.recent_busy_fraction * 100:.0f}%")
+                batch = f" batch {s.batch_size_mean:.1f}" if s.batch_size_mean is not None else ""
+                parts.append(
+                    f"{s.name} {s.recent_fps:.1f} fps {s.recent_busy_fraction * 100:.0f}%{batch}"
+                )
         if self.buffers:
             parts.append("q " + " ".join(f"{b.level}/{b.capacity}" for b in self.buffers))
         parts.append(f"drops {self.dropped}")

@@ -43,6 +43,12 @@ buffer policy (each subscriber has its own unbounded mailbox: events are few, fr
 and an event published before an item left a stage reaches a subscriber before that item does.
 A sink gets every event published before its end marker, then tears down.
 
+Batches: a processor paired with a ``BatchSpec`` (``pipeline.batching``) instead of a
+``BufferSpec`` gets a ``Batcher`` as its input: per-stream lanes that the items reach by the
+spec's key, and ``process_batch()`` with up to ``max_batch`` of them at a time (one inference
+call for several cameras). Its outputs go on one by one, in the batch's order, each with the
+stamp of its own input; its metrics count items, and the batch sizes beside them.
+
 Items and events are opaque here: this module knows nothing of frames or models.
 """
 
@@ -57,13 +63,20 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from pipeline.batching import Batcher, BatchProcessor, BatchSpec
 from pipeline.metrics import (
     LatencyMetrics,
     PipelineMetrics,
     StageKind,
     StageRecorder,
 )
-from pipeline.ring_buffer import END_OF_STREAM, BufferClosed, OverflowPolicy, RingBuffer
+from pipeline.ring_buffer import (
+    END_OF_STREAM,
+    BufferClosed,
+    BufferStats,
+    OverflowPolicy,
+    RingBuffer,
+)
 from pipeline.stage import Processor, Sink, Source
 
 __all__ = [
@@ -129,9 +142,9 @@ class _Envelope:
 
 
 class _Outlet:
-    """Where a stage's output goes: one buffer, or one per sink (fan-out)."""
+    """Where a stage's output goes: one buffer (or batcher), or one per sink (fan-out)."""
 
-    def __init__(self, buffers: Sequence[RingBuffer[_Envelope]]) -> None:
+    def __init__(self, buffers: Sequence[RingBuffer[_Envelope] | Batcher[_Envelope]]) -> None:
         self.buffers = tuple(buffers)
 
     def put(self, envelope: _Envelope) -> None:
@@ -157,10 +170,30 @@ def _make_buffer(spec: BufferSpec, name: str) -> RingBuffer[_Envelope]:
     return RingBuffer(spec.capacity, spec.policy, name=name)
 
 
-def _check_pairs(kind: str, pairs: Sequence[tuple[Any, BufferSpec]]) -> None:
+def _make_input(
+    spec: BufferSpec | BatchSpec, name: str
+) -> RingBuffer[_Envelope] | Batcher[_Envelope]:
+    if isinstance(spec, BufferSpec):
+        return _make_buffer(spec, name)
+    key = spec.key
+    return Batcher(spec, name=name, key=lambda envelope: key(envelope.item))
+
+
+def _buffer_stats(buf: RingBuffer[_Envelope] | Batcher[_Envelope]) -> tuple[BufferStats, ...]:
+    return buf.lane_stats() if isinstance(buf, Batcher) else (buf.stats(),)
+
+
+def _check_pairs(
+    kind: str, pairs: Sequence[tuple[Any, Any]], specs: tuple[type, ...] = (BufferSpec,)
+) -> None:
     for i, pair in enumerate(pairs):
-        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], BufferSpec)):
+        if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], specs)):
             raise ValueError(f"{kind}[{i}] must be a ({kind[:-1]}, BufferSpec) pair, got {pair!r}")
+        if isinstance(pair[1], BatchSpec) and not callable(getattr(pair[0], "process_batch", None)):
+            raise ValueError(
+                f"{kind}[{i}] ({getattr(pair[0], 'name', pair[0])!r}) has a BatchSpec but no "
+                "process_batch(); give it a BufferSpec or make it a BatchProcessor"
+            )
 
 
 @runtime_checkable
@@ -264,7 +297,9 @@ class Pipeline:
 
     Args:
         sources: at least one. The stream ends when every source has ended.
-        processors: (processor, its input buffer) in order; may be empty.
+        processors: (processor, its input buffer) in order; may be empty. A ``BatchSpec``
+            instead of a ``BufferSpec`` makes that input a ``Batcher`` and the processor a
+            ``BatchProcessor`` (see the module docstring).
         sinks: (sink, its input buffer); each gets every item. May be empty (outputs are then
             discarded, e.g. for a benchmark).
         join_timeout_s: after an abort, how long ``join()`` waits for stage threads blocked
@@ -276,7 +311,9 @@ class Pipeline:
     def __init__(
         self,
         sources: Sequence[Source[Any]],
-        processors: Sequence[tuple[Processor[Any, Any], BufferSpec]],
+        processors: Sequence[
+            tuple[Processor[Any, Any], BufferSpec] | tuple[BatchProcessor[Any, Any], BatchSpec]
+        ],
         sinks: Sequence[tuple[Sink[Any], BufferSpec]],
         *,
         join_timeout_s: float = 5.0,
@@ -288,7 +325,7 @@ class Pipeline:
         every stage but the bottleneck lets the bottleneck keep its core on a small machine."""
         if not sources:
             raise ValueError("sources must hold at least one source")
-        _check_pairs("processors", processors)
+        _check_pairs("processors", processors, (BufferSpec, BatchSpec))
         _check_pairs("sinks", sinks)
         if not join_timeout_s > 0:
             raise ValueError(f"join_timeout_s must be > 0, got {join_timeout_s!r}")
@@ -314,13 +351,16 @@ class Pipeline:
             if not 0 <= nice <= 19:
                 raise ValueError(f"thread_nice['{name}'] must be in [0, 19], got {nice}")
         self._sources = tuple(sources)
-        self._processors = tuple(p for p, _ in processors)
+        self._processors: tuple[Any, ...] = tuple(p for p, _ in processors)
         self._sinks = tuple(s for s, _ in sinks)
         self._join_timeout_s = join_timeout_s
 
-        self._proc_inputs = [_make_buffer(spec, f"{p.name}.in") for p, spec in processors]
+        self._proc_inputs = [_make_input(spec, f"{p.name}.in") for p, spec in processors]
         self._sink_inputs = [_make_buffer(spec, f"{s.name}.in") for s, spec in sinks]
-        self._buffers = [*self._proc_inputs, *self._sink_inputs]
+        self._buffers: list[RingBuffer[_Envelope] | Batcher[_Envelope]] = [
+            *self._proc_inputs,
+            *self._sink_inputs,
+        ]
         # Outlet of processor i is processor i+1's input; the last one fans out to the sinks.
         chain_ins = [_Outlet([b]) for b in self._proc_inputs] + [_Outlet(self._sink_inputs)]
         self._source_outlet = chain_ins[0]
@@ -371,9 +411,8 @@ class Pipeline:
             for sink, buf in zip(self._sinks, self._sink_inputs):
                 targets.append((sink.name, _bind(self._sink_loop, sink, buf), sink.teardown))
             for proc, buf, outlet in zip(self._processors, self._proc_inputs, self._proc_outlets):
-                targets.append(
-                    (proc.name, _bind(self._processor_loop, proc, buf, outlet), proc.teardown)
-                )
+                loop = self._batch_loop if isinstance(buf, Batcher) else self._processor_loop
+                targets.append((proc.name, _bind(loop, proc, buf, outlet), proc.teardown))
             for src in self._sources:
                 targets.append((src.name, _bind(self._source_loop, src), src.teardown))
             self._threads_left = len(targets)
@@ -507,7 +546,7 @@ class Pipeline:
             frames_out=max((s.items for s in stages if s.kind is StageKind.SINK), default=0),
             latency=LatencyMetrics.from_samples(latency_count, samples),
             stages=stages,
-            buffers=tuple(b.stats() for b in self._buffers),
+            buffers=tuple(s for b in self._buffers for s in _buffer_stats(b)),
         )
 
     # -- stage threads -----------------------------------------------------------------------
@@ -588,6 +627,44 @@ class Pipeline:
             if out is not None:
                 outlet.put(_Envelope(out, envelope.source_s))
         deliver()  # what came up to the end, before the flush may act on it
+        self._flush(processor, recorder, outlet, last_stamp)
+
+    def _batch_loop(
+        self, processor: BatchProcessor[Any, Any], inbox: Batcher[_Envelope], outlet: _Outlet
+    ) -> None:
+        recorder = self._recorders[processor.name]
+        processor.setup()
+        recorder.mark_set_up()
+        deliver = self._deliverer(processor)
+        last_stamp: float | None = None
+        while True:
+            batch = self._get_batch(inbox, deliver)
+            if batch is END_OF_STREAM:
+                break
+            deliver()
+            last_stamp = batch[-1].source_s
+            start = time.monotonic()
+            outs = processor.process_batch([envelope.item for envelope in batch])
+            recorder.record_batch(start, time.monotonic(), len(batch))
+            if len(outs) != len(batch):
+                raise RuntimeError(
+                    f"{processor.name}.process_batch() returned {len(outs)} results for "
+                    f"{len(batch)} items; it must return one per item (None: consumed)"
+                )
+            for envelope, out in zip(batch, outs):
+                if out is not None:
+                    outlet.put(_Envelope(out, envelope.source_s))
+        deliver()
+        self._flush(processor, recorder, outlet, last_stamp)
+
+    def _flush(
+        self,
+        processor: Processor[Any, Any] | BatchProcessor[Any, Any],
+        recorder: StageRecorder,
+        outlet: _Outlet,
+        last_stamp: float | None,
+    ) -> None:
+        """Hand on what ``processor.flush()`` gives, then the end marker."""
         stamp = time.monotonic() if last_stamp is None else last_stamp
         flushed = iter(processor.flush())
         while True:
@@ -632,6 +709,16 @@ class Pipeline:
                 on_event(event)
 
         return deliver
+
+    def _get_batch(self, inbox: Batcher[_Envelope], deliver: Callable[[], None]) -> Any:
+        """The next batch of envelopes (or the end), delivering events while it waits."""
+        if deliver is _nothing:
+            return inbox.get_batch()
+        while True:
+            try:
+                return inbox.get_batch(timeout=_EVENT_POLL_S)
+            except TimeoutError:
+                deliver()
 
     def _get(self, inbox: RingBuffer[_Envelope], deliver: Callable[[], None]) -> Any:
         """The next envelope (or the end); a subscriber gets its events while it waits."""
