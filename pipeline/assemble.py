@@ -47,6 +47,7 @@ from stages.live import LiveSource
 from stages.preprocess import PreprocessConfig, Preprocessor
 from stages.sinks.jsonl import JsonLinesSink
 from stages.sinks.mot import MotSink
+from stages.sinks.mqtt import MqttEventSink
 from stages.sinks.rtsp_publish import RtspPublishSink
 from stages.sinks.video import VideoFileSink
 from stages.sinks.zmq_events import ZmqEventSink
@@ -84,16 +85,15 @@ class AssembledPipeline:
         return sum(t for t in totals if t is not None)
 
     def metrics(self) -> PipelineMetrics:
-        """The pipeline's metrics with the counters of the stages that keep their own
-        (live sources: outages, reconnects; ZeroMQ and RTSP sinks: drops, bytes; analytics:
-        counts per line, zone and class)."""
+        """The pipeline's metrics with the counters of every stage that keeps its own (a
+        ``stats()`` method: live sources' outages and reconnects; ZeroMQ, MQTT and RTSP sinks'
+        drops and bytes; analytics' counts per line, zone and class)."""
         counters: dict[str, dict[str, int | float | bool]] = {}
         for stage in self.stages:
-            if not isinstance(
-                stage, (LiveSource, ZmqEventSink, RtspPublishSink, AnalyticsStage, Tracker)
-            ):
+            stats_of = getattr(stage, "stats", None)
+            if not callable(stats_of):
                 continue
-            stats = stage.stats()
+            stats = stats_of()
             values = dataclasses.asdict(stats) if dataclasses.is_dataclass(stats) else dict(stats)
             counters[stage.name] = {
                 k: v for k, v in values.items() if isinstance(v, (int, float, bool))
@@ -159,7 +159,7 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
     if not sinks:
         logger.warning(
             "no outputs configured: detections are computed but not saved "
-            "(add --output, --jsonl, --mot or --zmq)"
+            "(add --output, --jsonl, --mot, --zmq or --mqtt)"
         )
     pipeline = Pipeline(
         sources,
@@ -265,4 +265,11 @@ def _make_sinks(
     if out.rtsp is not None:
         sinks.append(RtspPublishSink(out.rtsp, class_names))
         outputs.append(f"annotated stream (RTSP): {out.rtsp.url}")
+    if out.mqtt is not None:
+        mqtt_sink = MqttEventSink(out.mqtt, class_names)
+        mqtt_sink.check()  # the broker's name and the credentials' files, before any thread
+        sinks.append(mqtt_sink)
+        outputs.append(
+            f"events (MQTT): {mqtt_sink.broker} under {out.mqtt.topic_prefix}/<stream>/<type>"
+        )
     return sinks, outputs

@@ -26,6 +26,7 @@ from dfine.backends.tensorrt_backend import TensorRTUnavailableError
 from pipeline.assemble import AssembledPipeline, build_pipeline
 from pipeline.config import AppConfig, CliOverrides, apply_overrides, load_config
 from pipeline.label_cli import add_label_command
+from pipeline.prometheus import MetricsServer
 from pipeline.runner import StageError
 from pipeline.schema import ConfigError
 from pipeline.train_cli import add_train_commands
@@ -133,6 +134,18 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("--mot", type=Path, metavar="OUT_TXT", help="tracks in MOTChallenge format")
     run.add_argument("--zmq", metavar="ENDPOINT", help="publish events on a ZeroMQ PUB socket")
     run.add_argument("--publish", metavar="RTSP_URL", help="re-stream the annotated video")
+    run.add_argument(
+        "--mqtt",
+        metavar="BROKER_HOST",
+        help="publish events to this MQTT broker (outputs.mqtt.host; credentials from "
+        "FINESTREAM_MQTT_USERNAME/_PASSWORD/_CA)",
+    )
+    run.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve Prometheus metrics on this port (metrics.host, 127.0.0.1 by default)",
+    )
     run.add_argument("--stats", type=Path, metavar="OUT_JSON", help="write run metrics as JSON")
     run.add_argument(
         "--realtime", action="store_true", help="pace files at their native frame rate"
@@ -202,16 +215,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
             mot=args.mot,
             zmq=args.zmq,
             publish=args.publish,
+            mqtt=args.mqtt,
+            metrics_port=args.metrics_port,
             realtime=True if args.realtime else None,
             max_frames=args.max_frames,
         ),
     )
     assembled = build_pipeline(config)  # the check phase: bad input is refused here
+    exporter = None
+    if config.metrics.port is not None:
+        exporter = MetricsServer(config.metrics, assembled.metrics)
+        exporter.start()  # a port in use is refused here, before any stage thread starts
     print(
         f"finestream: {assembled.backend.describe()}; model: {assembled.model.describe()}",
         file=sys.stderr,
     )
-    interrupted = _run_with_signals(assembled, show_progress=not args.no_progress)
+    if exporter is not None:
+        print(f"finestream: Prometheus metrics on {exporter.url}", file=sys.stderr)
+    try:
+        interrupted = _run_with_signals(assembled, show_progress=not args.no_progress)
+    finally:
+        if exporter is not None:
+            exporter.close()
     metrics = assembled.metrics()
     print(metrics.format_table(), file=sys.stderr)
     if args.stats:

@@ -2,10 +2,10 @@
 
 Sections: ``sources`` (files or stream URLs), ``model`` (the inference stage's section; the
 preprocessor takes its input size and device from it), ``track`` (the tracker's own section,
-``null`` turns tracking off), ``outputs`` and ``buffers``. Unknown keys and wrong types are refused
-with the key's full path (see ``pipeline.schema``). CLI flags override the file through
-``apply_overrides``. ``configs/`` holds complete examples; every key and default is listed in the
-README's config reference.
+``null`` turns tracking off), ``outputs``, ``buffers`` and ``metrics`` (the Prometheus endpoint).
+Unknown keys and wrong types are refused with the key's full path (see ``pipeline.schema``). CLI
+flags override the file through ``apply_overrides``. ``configs/`` holds complete examples; every key
+and default is listed in the README's config reference.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.prometheus import MetricsConfig
 from pipeline.schema import ConfigError, load_yaml
 from stages.analytics.config import StreamAnalyticsConfig
 from stages.decode import DecodeConfig
@@ -22,6 +23,7 @@ from stages.infer import Backend, Device, InferConfig
 from stages.live import LiveSourceConfig
 from stages.sinks.jsonl import JsonLinesSinkConfig
 from stages.sinks.mot import MotSinkConfig
+from stages.sinks.mqtt import MqttSinkConfig
 from stages.sinks.rtsp_publish import RtspPublishConfig
 from stages.sinks.video import VideoSinkConfig
 from stages.sinks.zmq_events import ZmqSinkConfig
@@ -65,6 +67,8 @@ class OutputsConfig:
     mot: MotSinkConfig | None = None
     zmq: ZmqSinkConfig | None = None
     rtsp: RtspPublishConfig | None = None
+    # Broker credentials are not here on purpose: they come from the environment (mqtt.py).
+    mqtt: MqttSinkConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,8 @@ class AppConfig:
     buffers: BuffersConfig = field(default_factory=BuffersConfig)
     # Counting lines and zones, one item per stream (stages/analytics/config.py); empty: off.
     analytics: tuple[StreamAnalyticsConfig, ...] = ()
+    # The Prometheus endpoint (pipeline/prometheus.py); off unless metrics.port is set.
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
 
 @dataclass(frozen=True)
@@ -113,6 +119,8 @@ class CliOverrides:
     mot: Path | None = None
     zmq: str | None = None
     publish: str | None = None
+    mqtt: str | None = None
+    metrics_port: int | None = None
     realtime: bool | None = None
     max_frames: int | None = None
 
@@ -176,6 +184,7 @@ def _apply_overrides(config: AppConfig, cli: CliOverrides) -> AppConfig:
         ("mot", "path", cli.mot, MotSinkConfig),
         ("zmq", "endpoint", cli.zmq, ZmqSinkConfig),
         ("rtsp", "url", cli.publish, RtspPublishConfig),
+        ("mqtt", "host", cli.mqtt, MqttSinkConfig),
     )
     for section, key, given, kind in flags:
         if given is None:
@@ -184,4 +193,9 @@ def _apply_overrides(config: AppConfig, cli: CliOverrides) -> AppConfig:
         changed: dict[str, Any] = {key: str(given)}
         updated = kind(**changed) if current is None else dataclasses.replace(current, **changed)
         outputs = dataclasses.replace(outputs, **{section: updated})
-    return dataclasses.replace(config, sources=sources, model=model, outputs=outputs)
+    metrics = config.metrics
+    if cli.metrics_port is not None:
+        metrics = dataclasses.replace(metrics, port=cli.metrics_port)
+    return dataclasses.replace(
+        config, sources=sources, model=model, outputs=outputs, metrics=metrics
+    )

@@ -21,16 +21,18 @@ fi
 # Type stubs only (for mypy on the TensorRT path); --no-deps because they depend on tensorrt.
 "${PIP[@]}" --no-deps "tensorrt-stubs>=10,<11" || echo "setup: tensorrt-stubs not installed (type check of the TensorRT path will be skipped)"
 
-# The RTSP tests need GStreamer's RTSP server (Debian packages, see ../shared/rtsp/README.md).
+# The RTSP tests need GStreamer's RTSP server (Debian packages, see ../shared/rtsp/README.md),
+# the MQTT tests a real broker (mosquitto, which they start themselves on a free port).
 # Install them when we can (root with apt); otherwise those tests skip and say why.
-if ! /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null; then
+if ! /usr/bin/python3 -c "import gi; gi.require_version('GstRtspServer', '1.0')" 2>/dev/null \
+    || ! PATH="$PATH:/usr/sbin" command -v mosquitto >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         export DEBIAN_FRONTEND=noninteractive
         apt-get update -qq >/dev/null
         apt-get install -y -qq --no-install-recommends python3-gi gir1.2-gst-rtsp-server-1.0 \
             gir1.2-gst-plugins-base-1.0 gstreamer1.0-plugins-base gstreamer1.0-plugins-good \
-            gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav >/dev/null
+            gstreamer1.0-plugins-bad gstreamer1.0-plugins-ugly gstreamer1.0-libav mosquitto >/dev/null
     else
-        echo "setup: GStreamer RTSP server not installed (not root or no apt): RTSP tests will skip"
+        echo "setup: GStreamer RTSP server or mosquitto not installed (not root or no apt): RTSP and MQTT tests will skip"
     fi
 fi
