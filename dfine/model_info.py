@@ -23,6 +23,7 @@ from pathlib import Path
 
 from dfine.backends.class_names import resolve_class_names
 from dfine.checkpoint import CheckpointError, extract_state_dict, state_dict_signature
+from dfine.quantize import is_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class ModelInfo:
         size: the D-FINE size ("n".."x") when the file says (checkpoints), else ``None``.
         trained_side: the square input side the checkpoint was trained at, when our trainer
             wrote it (``finestream.imgsz``); the default input size for such a file.
+        int8: an ONNX graph quantised to INT8 (QDQ pairs or integer operators, e.g. from
+            ``finestream export --int8``).
     """
 
     kind: ModelKind
@@ -62,6 +65,7 @@ class ModelInfo:
     input_size_hw: tuple[int, int] | None = None
     size: str | None = None
     trained_side: int | None = None
+    int8: bool = False
 
     @property
     def num_classes(self) -> int:
@@ -70,6 +74,8 @@ class ModelInfo:
     def describe(self) -> str:
         """E.g. ``checkpoint x.pth (D-FINE-N, 80 classes)``."""
         parts = [f"D-FINE-{self.size.upper()}"] if self.size else []
+        if self.int8:
+            parts.append("int8")
         parts.append(f"{self.num_classes} classes")
         if self.input_size_hw is not None:
             parts.append(f"input {self.input_size_hw[0]}x{self.input_size_hw[1]}")
@@ -258,7 +264,12 @@ def _onnx_info(path: Path) -> ModelInfo:
         count = found
     size = meta.get("dfine_size") or None
     return ModelInfo(
-        ModelKind.ONNX, path, tuple(resolve_class_names(count, names)), input_size_hw, size
+        ModelKind.ONNX,
+        path,
+        tuple(resolve_class_names(count, names)),
+        input_size_hw,
+        size,
+        int8=is_quantized(proto),
     )
 
 

@@ -185,6 +185,31 @@ def _build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="add an edge_std output: each box's per-edge spread in pixels (FDR distributions)",
     )
+    export.add_argument(
+        "--int8",
+        action="store_true",
+        help="also write an INT8 ONNX (<onnx>.int8.onnx), statically quantised on frames of "
+        "--calibrate; CHECKPOINT may then be an FP32 .onnx (--output then names the INT8 file)",
+    )
+    export.add_argument(
+        "--calibrate",
+        type=Path,
+        metavar="VIDEO_OR_DIR",
+        help="--int8: a video or a folder of images from the footage the model will run on",
+    )
+    export.add_argument(
+        "--calibration-frames",
+        type=int,
+        default=64,
+        metavar="N",
+        help="--int8: frames taken evenly spaced from --calibrate (default 64)",
+    )
+    export.add_argument(
+        "--calibration-method",
+        choices=["minmax", "entropy", "percentile"],
+        default="minmax",
+        help="--int8: how activation ranges are set (default minmax)",
+    )
     export.set_defaults(handler=_cmd_export)
 
     listen = commands.add_parser("listen", help="print the events a pipeline publishes over ZeroMQ")
@@ -339,6 +364,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from dfine.export import export_from_checkpoint
     from dfine.model_info import read_model_info
 
+    if args.int8 or args.calibrate is not None:
+        return _cmd_export_int8(args)
     info = read_model_info(args.checkpoint)  # one-line errors for a wrong file, before any work
     if info.size is None:
         raise ValueError(f"{args.checkpoint}: not a checkpoint; export takes a .pth")
@@ -365,6 +392,78 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"wrote {engine_path}", file=sys.stderr)
     else:
         print(f"to build a TensorRT engine by hand:\n  {command}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _cmd_export_int8(args: argparse.Namespace) -> int:
+    """``export --int8``: the FP32 export (from a checkpoint) or the given FP32 .onnx, then its
+    INT8 model beside it. Every bad flag, file or calibration source is refused first."""
+    from dfine.export import export_from_checkpoint
+    from dfine.model_info import ModelKind, read_model_info
+    from dfine.quantize import (
+        CalibrationMethod,
+        check_calibration_source,
+        int8_path,
+        quantize_int8,
+    )
+
+    if not args.int8:
+        raise ValueError("--calibrate is for --int8: add --int8, or drop --calibrate")
+    if args.calibrate is None:
+        raise ValueError(
+            "--int8 needs --calibrate VIDEO_OR_DIR: frames of the footage the model will run on "
+            "set its INT8 ranges"
+        )
+    if args.tensorrt:
+        raise ValueError(
+            "--int8 makes an ONNX Runtime model; drop --tensorrt (TensorRT builds its own "
+            "engines from the FP32 .onnx)"
+        )
+    if args.output is not None and args.output.suffix.lower() != ".onnx":
+        raise ValueError(f"--output {args.output}: --int8 writes ONNX; give a path ending in .onnx")
+    if args.calibration_frames < 1:
+        raise ValueError(f"--calibration-frames must be >= 1, got {args.calibration_frames}")
+    info = read_model_info(args.checkpoint)  # one-line errors for a wrong file, before any work
+    if info.kind not in (ModelKind.CHECKPOINT, ModelKind.ONNX):
+        raise ValueError(
+            f"{args.checkpoint}: --int8 takes a .pth checkpoint or an FP32 .onnx, not a "
+            f"{info.kind.value}"
+        )
+    if info.int8:
+        raise ValueError(f"{args.checkpoint} is already INT8; give the FP32 .onnx")
+    source = check_calibration_source(args.calibrate)
+
+    if info.kind is ModelKind.CHECKPOINT:
+        fp32_path = args.output or args.checkpoint.with_suffix(f".{args.imgsz}.onnx")
+        export_from_checkpoint(
+            args.checkpoint,
+            args.size,
+            args.num_classes,
+            fp32_path,
+            args.imgsz,
+            args.opset,
+            edge_std=args.edge_std,
+        )
+        print(f"wrote {fp32_path}", file=sys.stderr)
+        out_path = int8_path(fp32_path)
+    else:
+        fp32_path = args.checkpoint
+        out_path = args.output or int8_path(fp32_path)
+    done = quantize_int8(
+        fp32_path,
+        out_path,
+        source,
+        num_frames=args.calibration_frames,
+        method=CalibrationMethod(args.calibration_method),
+    )
+    mib = 1024.0 * 1024.0
+    print(
+        f"wrote {done.path} (INT8, {done.path.stat().st_size / mib:.1f} MiB against "
+        f"{fp32_path.stat().st_size / mib:.1f} MiB FP32; {done.calibration_frames} calibration "
+        f"frames of {source.path.name}, {done.method.value}; {done.float_nodes} of {done.nodes} "
+        f"nodes kept in float: {', '.join(p.value for p in done.float_parts)})",
+        file=sys.stderr,
+    )
     return EXIT_OK
 
 
