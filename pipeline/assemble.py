@@ -6,6 +6,15 @@ is ever lost; with any live source the buffers in front of the processors and si
 oldest frame and are kept short, so the newest frame is always the next one processed and
 latency cannot build up. Drops are counted per buffer in the metrics.
 
+Every source shares the one inference stage. With a live source, or ``batching.max_batch`` above
+1, its input is a ``Batcher`` (``pipeline.batching``) with a lane per stream: a latest-frame slot
+per camera (the stale frame is dropped and counted), a blocking FIFO per file (nothing lost), and
+batches of up to ``max_batch`` frames from the streams that have one ready, in turn, so every
+camera gets its share and a dead one delays the others at most once, by ``batch_timeout_ms``.
+Live runs drop before work: the cameras feed the inference stage's lanes directly, and the
+stage converts and preprocesses only the frames it takes (``InferenceStage(preprocessor=...)``);
+files keep the preprocessor in its own thread, where it overlaps the inference.
+
 Each stage receives only its own section of the config.
 
 ``build_pipeline`` is also the check phase: in the calling (main) thread, before any stage
@@ -26,6 +35,7 @@ from typing import Any
 import torch
 
 from dfine.model_info import ModelInfo
+from pipeline.batching import BatchSpec, LaneSpec
 from pipeline.config import AppConfig, SourceConfig
 from pipeline.metrics import PipelineMetrics
 from pipeline.ring_buffer import OverflowPolicy
@@ -141,7 +151,10 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
             FileSource(source_config.file).check()
     live = any(s.live is not None for s in config.sources)
     if live:
-        spec = BufferSpec(config.buffers.live_capacity, OverflowPolicy.DROP_OLDEST)
+        # Behind the inference a batch arrives all at once: room for a whole one, or a burst of
+        # max_batch frames would drop some of the very frames just inferred.
+        capacity = max(config.buffers.live_capacity, config.batching.max_batch)
+        spec = BufferSpec(capacity, OverflowPolicy.DROP_OLDEST)
     else:
         spec = BufferSpec(config.buffers.capacity, OverflowPolicy.BLOCK)
 
@@ -153,7 +166,8 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
     # channel, also while no frames flow, and no buffer policy drops one.
     events = EventChannel()
     class_names = list(prepared.info.class_names)
-    processors = _make_processors(config, prepared, class_names, events.publish)
+    processors = _make_processors(config, prepared, class_names, events.publish, live)
+    infer_input = _infer_input(config, live)
     sinks, outputs = _make_sinks(config, class_names)
     sources = [_make_source(s, events.publish) for s in config.sources]
     if not sinks:
@@ -163,7 +177,10 @@ def build_pipeline(config: AppConfig) -> AssembledPipeline:
         )
     pipeline = Pipeline(
         sources,
-        [(p, spec) for p in processors],
+        [
+            (p, infer_input if infer_input and isinstance(p, InferenceStage) else spec)
+            for p in processors
+        ],
         [(s, spec) for s in sinks],
         # After a failure, a stage stuck in native code is given this long; with the CLI's
         # exit that keeps "failure to exit" within 5 s.
@@ -204,6 +221,32 @@ def _check_stream_ids(sources: Sequence[SourceConfig]) -> None:
         seen.add(source.stream_id)
 
 
+#: A camera's lane in front of the inference: only its newest frame waits (no lag builds up).
+LATEST_FRAME = LaneSpec(1, OverflowPolicy.DROP_OLDEST)
+
+
+def _stream_id(packet: FramePacket) -> str:
+    return packet.stream_id
+
+
+def _infer_input(config: AppConfig, live: bool) -> BatchSpec | None:
+    """The inference stage's per-stream lanes, or ``None`` for the one plain buffer (files with
+    ``max_batch`` 1, as before batching existed)."""
+    batching = config.batching
+    if not live and batching.max_batch == 1:
+        return None
+    # A file's lane holds a whole batch, so one file alone still fills batches.
+    file_lane = LaneSpec(max(config.buffers.capacity, batching.max_batch), OverflowPolicy.BLOCK)
+    lanes = {s.stream_id: LATEST_FRAME if s.live is not None else file_lane for s in config.sources}
+    return BatchSpec(
+        key=_stream_id,
+        max_batch=batching.max_batch,
+        batch_timeout_s=batching.batch_timeout_ms / 1000.0,
+        lanes=lanes,
+        default_lane=LATEST_FRAME if live else file_lane,
+    )
+
+
 def _make_source(
     config: SourceConfig, on_event: Callable[[dict[str, Any]], None] | None
 ) -> FileSource | LiveSource:
@@ -218,14 +261,21 @@ def _make_processors(
     prepared: PreparedModel,
     class_names: list[str],
     publish: Callable[[dict[str, Any]], None],
+    live: bool,
 ) -> list[Processor[FramePacket, FramePacket]]:
     model, info = prepared.config, prepared.info
     assert model.imgsz is not None  # settled by prepare_model
     preprocess = Preprocessor(
         PreprocessConfig(input_size=model.imgsz, device=model.device, tiling=model.tiling)
     )
-    infer = InferenceStage(model, lambda: make_backend(model, info))
-    processors: list[Processor[FramePacket, FramePacket]] = [preprocess, infer]
+    # Live: the inference stage preprocesses the frames it takes, none that will be dropped.
+    infer = InferenceStage(
+        model,
+        lambda: make_backend(model, info),
+        preprocessor=preprocess if live else None,
+        max_batch=config.batching.max_batch,
+    )
+    processors: list[Processor[FramePacket, FramePacket]] = [infer] if live else [preprocess, infer]
     if config.track is not None:
         processors.append(Tracker(config.track, class_names, publish))
     if config.analytics:

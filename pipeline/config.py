@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.batching import MAX_BATCH_LIMIT
 from pipeline.prometheus import MetricsConfig
 from pipeline.schema import ConfigError, load_yaml
 from stages.analytics.config import StreamAnalyticsConfig
@@ -91,12 +92,44 @@ class BuffersConfig:
 
 
 @dataclass(frozen=True)
+class BatchingConfig:
+    """One inference stage for every source, in batches across them (``pipeline.batching``).
+
+    Attributes:
+        max_batch: the most frames, from different streams (or consecutive frames of a file),
+            in one inference call; 1 (the default) runs one frame at a time, the streams taking
+            turns. Worth raising where a batch costs little more than one frame (a GPU); on a CPU
+            a batch costs about as much as its frames one by one.
+        batch_timeout_ms: how long a batch waits, after its first frame, for the streams that
+            have not given one yet; a stream that gives none in that time is left out of later
+            batches until its next frame (a dead camera never delays the others again). Only
+            matters when the inference is faster than the cameras: 40 ms is one frame at 25 fps.
+    """
+
+    max_batch: int = 1
+    batch_timeout_ms: float = 40.0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.max_batch, bool) or not 1 <= self.max_batch <= MAX_BATCH_LIMIT:
+            raise ValueError(
+                f"max_batch must be an int in [1, {MAX_BATCH_LIMIT}], got {self.max_batch!r}; "
+                "1 runs one frame at a time"
+            )
+        if not 0 <= self.batch_timeout_ms <= 10_000:
+            raise ValueError(
+                f"batch_timeout_ms must be in [0, 10000] ms, got {self.batch_timeout_ms!r}; "
+                "0 never waits"
+            )
+
+
+@dataclass(frozen=True)
 class AppConfig:
     sources: tuple[SourceConfig, ...] = ()
     model: InferConfig = field(default_factory=InferConfig)
     track: TrackConfig | None = field(default_factory=TrackConfig)
     outputs: OutputsConfig = field(default_factory=OutputsConfig)
     buffers: BuffersConfig = field(default_factory=BuffersConfig)
+    batching: BatchingConfig = field(default_factory=BatchingConfig)
     # Counting lines and zones, one item per stream (stages/analytics/config.py); empty: off.
     analytics: tuple[StreamAnalyticsConfig, ...] = ()
     # The Prometheus endpoint (pipeline/prometheus.py); off unless metrics.port is set.

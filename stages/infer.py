@@ -12,6 +12,17 @@ Output: the same packet with ``detections`` (boxes clipped to the frame, scores 
 threshold, optionally only some classes) and ``model_input`` cleared, so the tensor's memory is
 freed as soon as possible.
 
+Batches (several cameras, one stage): the runner may hand the stage a batch of packets from
+different streams (``process_batch``, ``pipeline.batching``). Their ``(1, 3, S, S)`` inputs go to
+the backend as one ``(B, 3, S, S)`` call and each packet gets its own detections back, in the
+batch's order. The backend's own limit applies as for tiles: an export with a fixed batch (the
+official batch-1 exports) runs the frames in turn, said at start-up. A tiled packet is a batch of
+its own and runs alone.
+
+Live runs drop before work: given a ``preprocessor`` the stage makes the model input itself, in
+its thread, for each packet it takes that has none, so only frames that will be inferred are
+converted and resized (``stages.live.LiveFramePacket``, ``stages.preprocess``).
+
 Thread: the inference stage's own thread. The backend is made in ``setup()`` in that thread
 (CUDA contexts and streams are per thread) by the factory given to the stage.
 
@@ -34,18 +45,21 @@ import enum
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from dfine.backends.base import DetectorBackend
+from dfine.backends.base import BackendOutput, DetectorBackend
 from dfine.backends.device import Device, resolve_device
 from dfine.model_info import ModelInfo, ModelKind, model_kind, read_model_info
 from pipeline.stage import StageBase
 from stages.frame import Detections, FramePacket
+from stages.preprocess import Preprocessor
 from stages.tiling import CropResult, TiledInput, TilingConfig, merge_crops
 
 logger = logging.getLogger(__name__)
@@ -483,17 +497,35 @@ def make_backend(config: InferConfig, info: ModelInfo | None = None) -> Detector
 class InferenceStage(StageBase[FramePacket]):
     """Processor[FramePacket, FramePacket]: sets ``packet.detections``, clears ``model_input``.
 
+    Also a ``BatchProcessor``: ``process_batch`` runs several packets in one backend call.
+
     Args:
         config: threshold, class filter and input size (the rest is the factory's business).
         backend_factory: makes the backend; called once, in ``setup()``, in the stage thread.
+        preprocessor: makes ``model_input`` here for packets that come without one (live
+            runs: only the frames taken are preprocessed); set up in this stage's thread.
+        max_batch: the most packets a batch brings (the ``batching`` config), for the start-up
+            line that says when the model cannot take them in one call.
     """
 
-    def __init__(self, config: InferConfig, backend_factory: Callable[[], DetectorBackend]) -> None:
+    def __init__(
+        self,
+        config: InferConfig,
+        backend_factory: Callable[[], DetectorBackend],
+        *,
+        preprocessor: Preprocessor | None = None,
+        max_batch: int = 1,
+    ) -> None:
         self.config = config
         self.name = "infer"
         self._factory = backend_factory
         self._backend: DetectorBackend | None = None
         self._batch = BatchLimit()
+        self._preprocessor = preprocessor
+        self._max_batch = max_batch
+        self._lock = threading.Lock()  # stats() reads the counts from another thread
+        self._frames_by_stream: dict[str, int] = {}
+        self._preprocess_s = 0.0
         self._keep_classes = (
             np.asarray(config.classes, dtype=np.int64) if config.classes is not None else None
         )
@@ -522,6 +554,20 @@ class InferenceStage(StageBase[FramePacket]):
         self._backend = backend
         self._batch = backend_batch_limit(backend)
         largest = self._batch.largest
+        if self._preprocessor is not None:
+            self._preprocessor.setup()
+        if self._max_batch > 1 and largest is not None and largest < self._max_batch:
+            # Said at start-up: a batch of cameras then costs several calls, not one.
+            logger.warning(
+                "batching: the model takes %s %d image%s per call, so a batch of up to %d "
+                "frames runs %s (an export with a dynamic batch, e.g. `finestream export`, "
+                "runs it in one call)",
+                "exactly" if self._batch.fixed else "at most",
+                largest,
+                "" if largest == 1 else "s",
+                self._max_batch,
+                "one frame after another" if largest == 1 else f"{largest} at a time",
+            )
         if self.config.tiling.enabled and largest is not None:
             # Said at start-up: the crops of a frame then cost several calls, not one.
             logger.warning(
@@ -540,7 +586,39 @@ class InferenceStage(StageBase[FramePacket]):
             f", classes {list(self.config.classes)}" if self.config.classes else "",
         )
 
+    def stats(self) -> dict[str, int | float]:
+        """Frames inferred (``frames``, and ``frames[<stream id>]`` per stream); with a
+        preprocessor here also the frames it preprocessed (``preprocessed``,
+        ``preprocessed[<stream id>]``) and its CPU time per frame (``preprocess_cpu_ms``)."""
+        with self._lock:
+            by_stream = dict(self._frames_by_stream)
+            preprocess_s = self._preprocess_s
+        frames = sum(by_stream.values())
+        out: dict[str, int | float] = {"frames": frames}
+        out |= {f"frames[{k}]": n for k, n in sorted(by_stream.items())}
+        if self._preprocessor is not None:
+            done = self._preprocessor.stats()
+            out |= {f"preprocessed{k.removeprefix('frames')}": n for k, n in done.items()}
+            if done["frames"]:
+                out["preprocess_cpu_ms"] = round(1000.0 * preprocess_s / done["frames"], 3)
+        return out
+
+    def process_batch(self, items: Sequence[FramePacket]) -> list[FramePacket]:
+        """Detections for each packet, the plain ones in one backend call (see the module
+        docstring); the packets come back in the order given."""
+        for item in items:
+            self._prepare(item)
+        plain = [item for item in items if isinstance(item.model_input, torch.Tensor)]
+        if len(plain) > 1:
+            self._batched(plain)
+        for item in items:
+            if item.model_input is not None:  # tiled (a batch of its own), or a lone frame
+                self.process(item)
+        return list(items)
+
     def process(self, item: FramePacket) -> FramePacket:
+        self._prepare(item)
+        self._count(item)
         backend = self.backend
         images = item.model_input
         if isinstance(images, TiledInput):
@@ -563,6 +641,41 @@ class InferenceStage(StageBase[FramePacket]):
             out.labels[0], out.boxes_xyxy[0], out.scores[0], item.width, item.height, spread
         )
         return item
+
+    def _prepare(self, item: FramePacket) -> None:
+        """The model input for a packet that has none, when this stage preprocesses."""
+        if item.model_input is not None or self._preprocessor is None:
+            return
+        start = time.process_time()
+        self._preprocessor.process(item)
+        took = time.process_time() - start
+        with self._lock:
+            self._preprocess_s += took
+
+    def _count(self, item: FramePacket) -> None:
+        with self._lock:
+            count = self._frames_by_stream.get(item.stream_id, 0)
+            self._frames_by_stream[item.stream_id] = count + 1
+
+    def _batched(self, items: Sequence[FramePacket]) -> None:
+        """One backend call (or the model's limit's worth of calls) for packets each holding a
+        ``(1, 3, S, S)`` tensor; each packet gets its row's detections."""
+        backend = self.backend
+        images = torch.cat([item.model_input for item in items])
+        if images.device != backend.device:
+            images = images.to(backend.device)
+        sizes_wh = torch.tensor([[item.width, item.height] for item in items], dtype=torch.int64)
+        for item in items:
+            item.model_input = None  # freed once the batch is done
+            self._count(item)
+        row = 0
+        for out in _detect_in_batches(backend, images, sizes_wh, self._batch):
+            for i in range(len(out.scores)):
+                item, row = items[row], row + 1
+                spread = None if out.edge_std_px is None else out.edge_std_px[i]
+                item.detections = self._detections(
+                    out.labels[i], out.boxes_xyxy[i], out.scores[i], item.width, item.height, spread
+                )
 
     def _tiled(self, tiled: TiledInput, width: int, height: int) -> Detections:
         backend = self.backend
@@ -641,16 +754,17 @@ def backend_batch_limit(backend: DetectorBackend) -> BatchLimit:
     return BatchLimit()
 
 
-def _run_in_batches(
-    backend: DetectorBackend, images: torch.Tensor, sizes_wh: torch.Tensor, limit: BatchLimit
-) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """``backend`` on ``images`` ``(B, 3, S, S)``: one call, or chunks of ``limit.largest`` (a
-    fixed batch pads the last with copies of its last row and drops their outputs)."""
+def _chunks(
+    images: torch.Tensor, sizes_wh: torch.Tensor, limit: BatchLimit
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+    """``(images, sizes, n)`` per backend call for ``images`` ``(B, 3, S, S)``: all at once, or
+    chunks of ``limit.largest`` (a fixed batch pads the last with copies of its last row; only
+    the first ``n`` rows of a call's outputs are real)."""
     total = int(images.shape[0])
     max_batch = limit.largest
     if max_batch is None or (total <= max_batch and not (limit.fixed and total < max_batch)):
-        return [backend(images, sizes_wh)]
-    out = []
+        yield images, sizes_wh, total
+        return
     for start in range(0, total, max_batch):
         chunk, sizes = images[start : start + max_batch], sizes_wh[start : start + max_batch]
         n = int(chunk.shape[0])
@@ -658,6 +772,28 @@ def _run_in_batches(
             pad = max_batch - n
             chunk = torch.cat([chunk, chunk[-1:].expand(pad, *chunk.shape[1:])])
             sizes = torch.cat([sizes, sizes[-1:].expand(pad, 2)])
+        yield chunk, sizes, n
+
+
+def _run_in_batches(
+    backend: DetectorBackend, images: torch.Tensor, sizes_wh: torch.Tensor, limit: BatchLimit
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """``backend`` on ``images`` ``(B, 3, S, S)`` in as many calls as ``limit`` asks."""
+    out = []
+    for chunk, sizes, n in _chunks(images, sizes_wh, limit):
         labels, boxes, scores = backend(chunk, sizes)
         out.append((labels[:n], boxes[:n], scores[:n]))
+    return out
+
+
+def _detect_in_batches(
+    backend: DetectorBackend, images: torch.Tensor, sizes_wh: torch.Tensor, limit: BatchLimit
+) -> list[BackendOutput]:
+    """``backend.detect`` on ``images`` ``(B, 3, S, S)`` in as many calls as ``limit`` asks;
+    each output holds only its call's real rows."""
+    out = []
+    for chunk, sizes, n in _chunks(images, sizes_wh, limit):
+        got = backend.detect(chunk, sizes)
+        spread = None if got.edge_std_px is None else got.edge_std_px[:n]
+        out.append(BackendOutput(got.labels[:n], got.boxes_xyxy[:n], got.scores[:n], spread))
     return out

@@ -24,9 +24,15 @@ Stopping: the engine stops pulling, or calls ``request_stop()`` (any thread), wh
 out of a backoff sleep; a blocking network read returns within the read timeout
 (``stall_timeout_s / 2``) at worst.
 
+Drop before work: every frame is decoded (the codec needs them all), but the conversion to RGB
+waits until a stage first reads ``packet.image_rgb_u8`` (``LiveFramePacket``). A frame dropped
+in front of the inference, as most are when the inference is slower than the cameras, is never
+converted; ``LiveSourceStats.converted`` counts the ones that were.
+
 Thread: ``setup()``, ``items()``, ``teardown()`` run in the source's own thread; ``on_event``
-is called from it too. Ownership: each packet holds a freshly allocated image; once yielded it
-belongs to whoever took it.
+is called from it too. The RGB conversion runs in the thread that first reads the picture (the
+inference stage's, for a live run). Ownership: each packet holds its own decoded frame, and then
+its own freshly allocated image; once yielded it belongs to whoever took it.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import av
+import numpy as np
 
 from pipeline.stage import StageBase
 from stages.decode import VideoSourceError, frame_to_rgb_u8
@@ -49,6 +56,7 @@ from stages.frame import FramePacket
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "LiveFramePacket",
     "LiveSource",
     "LiveSourceConfig",
     "LiveSourceError",
@@ -186,6 +194,8 @@ class LiveSourceStats:
         height: see ``width``.
         reconnects: connections after the first (each ended an outage).
         bytes_received: bytes of the stream's packets read so far.
+        converted: frames whose RGB picture was made (read by a stage); the rest of ``frames``
+            were dropped before anyone looked at them.
     """
 
     frames: int
@@ -198,6 +208,76 @@ class LiveSourceStats:
     height: int
     reconnects: int = 0
     bytes_received: int = 0
+    converted: int = 0
+
+
+class LiveFramePacket(FramePacket):
+    """A ``FramePacket`` whose RGB picture is made from the decoded frame when first read.
+
+    ``image_rgb_u8``, ``width`` and ``height`` behave as on any packet; the conversion
+    (``stages.decode.frame_to_rgb_u8``: colour matrix, range, rotation) runs once, in the thread
+    that first reads ``image_rgb_u8``, and the decoded frame is released then. ``width`` and
+    ``height`` come from the decoded frame without converting it. A packet belongs to one stage
+    at a time (``stages.frame``), so one thread converts.
+    """
+
+    def __init__(
+        self,
+        *,
+        stream_id: str,
+        index: int,
+        pts_s: float,
+        arrival_s: float,
+        decoded: av.VideoFrame,
+        on_convert: Callable[[], None] | None = None,
+    ) -> None:
+        self._decoded: av.VideoFrame | None = decoded
+        self._rgb: np.ndarray | None = None
+        self._on_convert = on_convert
+        # The displayed size: a quarter turn of rotation swaps the coded width and height.
+        turned = round(decoded.rotation / 90) % 2 == 1
+        self._size_wh = (
+            (decoded.height, decoded.width) if turned else (decoded.width, decoded.height)
+        )
+        super().__init__(
+            stream_id=stream_id, index=index, pts_s=pts_s, image_rgb_u8=None, arrival_s=arrival_s
+        )
+
+    @property  # type: ignore[override]
+    def image_rgb_u8(self) -> np.ndarray:
+        if self._rgb is None:
+            decoded = self._decoded
+            if decoded is None:
+                raise RuntimeError(f"frame {self.stream_id}/{self.index} has no picture")
+            self._rgb, self._decoded = frame_to_rgb_u8(decoded), None
+            if self._on_convert is not None:
+                self._on_convert()
+        return self._rgb
+
+    @image_rgb_u8.setter
+    def image_rgb_u8(self, value: np.ndarray | None) -> None:
+        # FramePacket's __init__ sets it to None here: the picture is pending until read.
+        if value is not None:
+            self._rgb, self._decoded = value, None
+
+    @property
+    def converted(self) -> bool:
+        """The RGB picture has been made."""
+        return self._rgb is not None
+
+    def __repr__(self) -> str:  # the dataclass's would convert the picture to show it
+        return (
+            f"LiveFramePacket(stream_id={self.stream_id!r}, index={self.index}, "
+            f"pts_s={self.pts_s:.3f}, {self.width}x{self.height}, converted={self.converted})"
+        )
+
+    @property
+    def width(self) -> int:
+        return self._size_wh[0] if self._rgb is None else int(self._rgb.shape[1])
+
+    @property
+    def height(self) -> int:
+        return self._size_wh[1] if self._rgb is None else int(self._rgb.shape[0])
 
 
 class _Loss(Exception):
@@ -239,6 +319,7 @@ class LiveSource(StageBase[FramePacket]):
         self._failed_attempts = 0
         self._decode_errors = 0
         self._bytes_received = 0
+        self._converted = 0  # incremented from the converting thread, under the lock
         self._connected = False
         self._width = 0
         self._height = 0
@@ -270,6 +351,7 @@ class LiveSource(StageBase[FramePacket]):
                 height=self._height,
                 reconnects=max(0, self._connections - 1),
                 bytes_received=self._bytes_received,
+                converted=self._converted,
             )
 
     # --- the stage ---------------------------------------------------------------------------
@@ -443,7 +525,6 @@ class LiveSource(StageBase[FramePacket]):
             for frame in frames:
                 arrival_s = time.monotonic()
                 last_frame_at = arrival_s
-                image = frame_to_rgb_u8(frame)
                 if not connection_has_frame:
                     offset_s = self._pts_offset_s(arrival_s)
                     first_arrival_s = arrival_s
@@ -456,22 +537,28 @@ class LiveSource(StageBase[FramePacket]):
                     pts_s = offset_s + (stream_time_s - base_time_s)
                 if self._last_pts_s is not None and pts_s < self._last_pts_s + _MIN_PTS_STEP_S:
                     pts_s = self._last_pts_s + _MIN_PTS_STEP_S
-                if not connection_has_frame:
-                    connection_has_frame = True
-                    self._on_connected(image.shape[1], image.shape[0], pts_s)
-                packet = FramePacket(
+                packet = LiveFramePacket(
                     stream_id=cfg.stream_id,
                     index=self._next_index,
                     pts_s=pts_s,
-                    image_rgb_u8=image,
                     arrival_s=arrival_s,
+                    decoded=frame,
+                    on_convert=self._count_conversion,
                 )
+                if not connection_has_frame:
+                    connection_has_frame = True
+                    self._on_connected(packet.width, packet.height, pts_s)
                 self._next_index += 1
                 self._last_pts_s = pts_s
                 self._last_arrival_s = arrival_s
                 with self._lock:
                     self._frames += 1
                 yield packet
+
+    def _count_conversion(self) -> None:
+        """A packet's picture was made (in whichever thread read it first)."""
+        with self._lock:
+            self._converted += 1
 
     def _pts_offset_s(self, arrival_s: float) -> float:
         """Where a new connection's timeline starts: after the last frame, by the wall-clock

@@ -38,6 +38,11 @@ stage's thread (off the inference thread, which is the bottleneck) and in its ro
 table, and the inference stage keeps one job — run the batch, map and merge what comes back.
 With tiling off nothing changes: one ``(1, 3, S, S)`` tensor.
 
+Live runs: the assembly gives the preprocessor to the inference stage instead of a thread of its
+own (``InferenceStage(preprocessor=...)``), which calls ``process()`` only on the frames it takes
+from its per-stream slots, so no frame is resized just to be dropped. ``stats()`` counts the
+frames preprocessed, per stream, either way.
+
 Ownership: ``model_input`` is a new tensor per packet (no reused buffers); the packet's image is
 only read (crops are views of it, resized into new memory).
 """
@@ -45,6 +50,7 @@ only read (crops are views of it, resized into new memory).
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -131,6 +137,16 @@ class Preprocessor(StageBase[FramePacket]):
         self.config = config
         self.name = "preprocess"
         self._device: torch.device | None = None
+        self._lock = threading.Lock()  # stats() reads the counts from another thread
+        self._frames_by_stream: dict[str, int] = {}
+
+    def stats(self) -> dict[str, int]:
+        """Frames preprocessed: ``frames`` in all, ``frames[<stream id>]`` per stream."""
+        with self._lock:
+            by_stream = dict(self._frames_by_stream)
+        return {"frames": sum(by_stream.values())} | {
+            f"frames[{k}]": n for k, n in sorted(by_stream.items())
+        }
 
     @property
     def device(self) -> torch.device:
@@ -156,6 +172,9 @@ class Preprocessor(StageBase[FramePacket]):
         logger.info("preprocess on %s to %dx%d%s", device, side, side, tiles)
 
     def process(self, item: FramePacket) -> FramePacket:
+        with self._lock:
+            count = self._frames_by_stream.get(item.stream_id, 0)
+            self._frames_by_stream[item.stream_id] = count + 1
         device = self.device
         side = self.config.input_size
         uint8 = device.type == "cpu"
