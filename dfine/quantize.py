@@ -219,7 +219,7 @@ def _image_frames_rgb_u8(images: Sequence[Path], count: int) -> Iterable[np.ndar
     for index in _evenly_spaced(len(images), count):
         try:
             with Image.open(images[index]) as image:
-                yield np.asarray(image.convert("RGB"))
+                yield np.array(image.convert("RGB"))  # a writable copy, as torch wants
         except OSError as err:
             raise QuantizeError(
                 f"--calibrate: {images[index]} is not a readable image ({err}); remove it"

@@ -399,7 +399,7 @@ def _cmd_export_int8(args: argparse.Namespace) -> int:
     """``export --int8``: the FP32 export (from a checkpoint) or the given FP32 .onnx, then its
     INT8 model beside it. Every bad flag, file or calibration source is refused first."""
     from dfine.export import export_from_checkpoint
-    from dfine.model_info import ModelKind, read_model_info
+    from dfine.model_info import ModelKind, model_kind, read_model_info
     from dfine.quantize import (
         CalibrationMethod,
         check_calibration_source,
@@ -423,12 +423,12 @@ def _cmd_export_int8(args: argparse.Namespace) -> int:
         raise ValueError(f"--output {args.output}: --int8 writes ONNX; give a path ending in .onnx")
     if args.calibration_frames < 1:
         raise ValueError(f"--calibration-frames must be >= 1, got {args.calibration_frames}")
-    info = read_model_info(args.checkpoint)  # one-line errors for a wrong file, before any work
-    if info.kind not in (ModelKind.CHECKPOINT, ModelKind.ONNX):
+    if model_kind(args.checkpoint) is ModelKind.ENGINE:
         raise ValueError(
             f"{args.checkpoint}: --int8 takes a .pth checkpoint or an FP32 .onnx, not a "
-            f"{info.kind.value}"
+            "TensorRT engine"
         )
+    info = read_model_info(args.checkpoint)  # one-line errors for a wrong file, before any work
     if info.int8:
         raise ValueError(f"{args.checkpoint} is already INT8; give the FP32 .onnx")
     source = check_calibration_source(args.calibrate)
