@@ -18,6 +18,12 @@ things are measured on the same frames:
    run's ids are matched per frame to the reference (IoU >= 0.5): ids, fragments (extra ids per
    reference track), id switches (consecutive matched frames whose id changes) and coverage (the
    share of reference frames with a confirmed id), the same counts as ``bench/drone.py``.
+4. **Control with a known spread**: the teacher's own boxes with each edge moved by Gaussian
+   noise of a known, per-detection standard deviation (drawn log-uniformly between
+   ``--noise-min`` and ``--noise-max`` of the box side), that standard deviation handed to the
+   tracker as ``edge_std_px``, tracked plain and spread-weighted against the clean boxes' tracks;
+   plus two controls that tell information from mere looseness: the same spreads shuffled among
+   the detections of each frame, and the plain tracker with a looser ``distance_threshold``.
 
 With the calibrated fixture (random weights; the default when no ``--model`` is given) the
 figures measure the plumbing, not a detector: say which model a figure came from.
@@ -229,6 +235,33 @@ def id_metrics(reference: list[Detections], run: list[Detections]) -> dict[str, 
     }
 
 
+def noisy_boxes(
+    clean: list[Detections], low: float, high: float, seed: int
+) -> tuple[list[Detections], list[Detections]]:
+    """The ``clean`` boxes with each edge moved by N(0, s), ``s = r * side`` and ``r`` drawn
+    log-uniformly in [low, high] per detection; returned with ``edge_std_px = s`` and with the
+    same spreads shuffled among each frame's detections (no information, the same magnitudes)."""
+    rng = np.random.default_rng(seed)
+    noisy, shuffled = [], []
+    for dets in clean:
+        n = len(dets)
+        boxes = dets.boxes_xyxy.astype(np.float64)
+        w = np.maximum(boxes[:, 2] - boxes[:, 0], 1.0)
+        h = np.maximum(boxes[:, 3] - boxes[:, 1], 1.0)
+        ratio = np.exp(rng.uniform(np.log(low), np.log(high), size=n))
+        std = np.stack([ratio * w, ratio * h, ratio * w, ratio * h], axis=1)
+        moved = boxes + rng.normal(size=(n, 4)) * std
+        # Keep every box the right way round (a large draw may cross its edges).
+        x1, x2 = np.minimum(moved[:, 0], moved[:, 2]), np.maximum(moved[:, 0], moved[:, 2])
+        y1, y2 = np.minimum(moved[:, 1], moved[:, 3]), np.maximum(moved[:, 1], moved[:, 3])
+        moved = np.stack([x1, y1, x2 + 1.0, y2 + 1.0], axis=1).astype(np.float32)
+        common = {"scores": dets.scores, "class_ids": dets.class_ids}
+        noisy.append(Detections(moved, edge_std_px=std.astype(np.float32), **common))
+        mixed = std[rng.permutation(n)] if n else std
+        shuffled.append(Detections(moved, edge_std_px=mixed.astype(np.float32), **common))
+    return noisy, shuffled
+
+
 def _positive_floats(text: str) -> list[float]:
     values = [float(v) for v in text.split(",") if v.strip()]
     if not values or any(not v > 0 for v in values):
@@ -252,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--weights", type=_positive_floats, default=[0.5, 1.0, 2.0, 4.0])
     parser.add_argument("--agreement-frames", type=int, default=3)
+    parser.add_argument("--noise-min", type=float, default=0.02, help="of the side, control 4")
+    parser.add_argument("--noise-max", type=float, default=0.25, help="of the side, control 4")
+    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench/out/uncertainty"))
     parser.add_argument("--json", type=Path, default=None)
@@ -304,6 +340,23 @@ def main(argv: list[str] | None = None) -> int:
         tracked, _ = _tracked(zip(frames, detections), TrackConfig(spread_weight=weight))
         runs[f"spread_weight {weight:g}"] = id_metrics(reference, tracked)
     result["tracking"] = runs
+
+    noisy, shuffled = noisy_boxes(reference, args.noise_min, args.noise_max, args.seed)
+    control: dict[str, Any] = {}
+    for weight in [0.0, *args.weights]:
+        tracked, _ = _tracked(zip(frames, noisy), TrackConfig(spread_weight=weight))
+        control[f"spread_weight {weight:g}"] = id_metrics(reference, tracked)
+    for weight in args.weights:
+        tracked, _ = _tracked(zip(frames, shuffled), TrackConfig(spread_weight=weight))
+        control[f"spread_weight {weight:g}, spreads shuffled"] = id_metrics(reference, tracked)
+    for threshold in (0.8, 0.9):
+        tracked, _ = _tracked(zip(frames, noisy), TrackConfig(distance_threshold=threshold))
+        control[f"plain, distance_threshold {threshold:g}"] = id_metrics(reference, tracked)
+    result["control_known_spread"] = {
+        "noise_of_side": [args.noise_min, args.noise_max],
+        "seed": args.seed,
+        "runs": control,
+    }
     _print(result)
     write_json(args.json, result)
     return 0
@@ -342,6 +395,19 @@ def _print(result: dict[str, Any]) -> None:
     print("| tracker | ids | fragments | id switches | reference frames with a confirmed id |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in runs.items():
+        print(
+            f"| {name} | {r['ids']} | {r['fragments']} | {r['id_switches']} "
+            f"| {100 * r['coverage']:.0f} % |"
+        )
+    c = result["control_known_spread"]
+    print(
+        f"\ncontrol: the teacher's boxes moved by known noise (std {c['noise_of_side'][0]:g}-"
+        f"{c['noise_of_side'][1]:g} of the side, seed {c['seed']}), that std as edge_std_px, "
+        "against the clean boxes' tracks:"
+    )
+    print("| tracker | ids | fragments | id switches | reference frames with a confirmed id |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, r in c["runs"].items():
         print(
             f"| {name} | {r['ids']} | {r['fragments']} | {r['id_switches']} "
             f"| {100 * r['coverage']:.0f} % |"

@@ -23,6 +23,7 @@ import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import nn
@@ -35,6 +36,9 @@ from dfine.backends.onnx_backend import (
     META_NUM_CLASSES,
     OUTPUT_NAMES,
 )
+
+if TYPE_CHECKING:
+    from dfine.model import DFINE
 
 logger = logging.getLogger(__name__)
 
@@ -79,10 +83,10 @@ class DeployModelWithEdgeStd(nn.Module):
         super().__init__()
         # Imported here: dfine.postprocess imports the network parts, this module only the
         # backends' names.
-        from dfine.postprocess import EdgeStdNetwork
+        from dfine.postprocess import EdgeStdNetwork, PostProcessor
 
-        self.network = EdgeStdNetwork(model)
-        self.postprocessor = postprocessor
+        self.network = EdgeStdNetwork(cast("DFINE", model))
+        self.postprocessor = cast(PostProcessor, postprocessor)
 
     def forward(
         self, images: torch.Tensor, orig_target_sizes: torch.Tensor

@@ -11,11 +11,16 @@ distributions' standard deviations, ``dfine.fdr.edge_std_normalized``);
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from dfine.fdr import edge_std_normalized, weighting_function
 from dfine.layers import box_cxcywh_to_xyxy
+
+if TYPE_CHECKING:
+    from dfine.model import DFINE
 
 
 class PostProcessor(nn.Module):
@@ -123,9 +128,9 @@ class EdgeStdNetwork(nn.Module):
         model: a D-FINE network (``dfine.DFINE``, training or deploy form), in eval mode.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: DFINE) -> None:
         super().__init__()
-        self.model = model
+        self.model: DFINE = model
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """``images`` float32 ``(B, 3, H, W)`` in [0, 1] → ``pred_logits`` ``(B, Q, C)``,

@@ -19,6 +19,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -27,6 +28,10 @@ from torch import nn
 from dfine.backends.base import BackendOutput
 from dfine.backends.class_names import resolve_class_names
 from dfine.backends.onnx_backend import check_inputs
+
+if TYPE_CHECKING:
+    from dfine.model import DFINE
+    from dfine.postprocess import PostProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -96,10 +101,10 @@ class TorchBackend:
         self._model = model.to(self.device).eval()
         from dfine.postprocess import EdgeStdNetwork
 
-        self._network = EdgeStdNetwork(self._model).eval()
+        self._network = EdgeStdNetwork(cast("DFINE", self._model)).eval()
         #: the torch backend always gives ``edge_std_px`` (``detect``).
         self.provides_edge_std = True
-        self._postprocessor = postprocessor.to(self.device).eval()
+        self._postprocessor = cast("PostProcessor", postprocessor.to(self.device).eval())
         num_classes = int(getattr(postprocessor, "num_classes", 0)) or len(class_names or ())
         if num_classes < 1:
             raise ValueError("postprocessor has no num_classes; pass a dfine.PostProcessor")
