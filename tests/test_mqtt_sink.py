@@ -60,7 +60,9 @@ class Broker:
     """mosquitto on 127.0.0.1:``port`` with a generated config; stop() and start() again on the
     same port, like a broker restarted under a running client."""
 
-    def __init__(self, tmp: Path, password_file: Path | None = None) -> None:
+    def __init__(
+        self, tmp: Path, password_file: Path | None = None, extra: tuple[str, ...] = ()
+    ) -> None:
         if MOSQUITTO is None:
             pytest.skip(
                 "mosquitto not found on PATH: install Debian's 'mosquitto' package "
@@ -77,6 +79,7 @@ class Broker:
             lines.append("allow_anonymous true")
         else:
             lines += ["allow_anonymous false", f"password_file {password_file}"]
+        lines += extra
         self.conf.write_text("\n".join(lines) + "\n")
         self._log = tempfile.TemporaryFile()
         self._proc: subprocess.Popen[bytes] | None = None
@@ -295,6 +298,10 @@ def test_a_broker_stopped_mid_run_keeps_the_frame_rate_and_counts_the_drops(
             assembled.pipeline.join(timeout=30)
             sub.close()
     mqtt_frames, jsonl_frames, infer_frames = (a - b for a, b in zip(after, before))
+    print(
+        f"broker down: mqtt sink {mqtt_frames} frames, jsonl sink {jsonl_frames}, inference "
+        f"{infer_frames}; mqtt dropped {down.dropped}, pending {down.pending}"
+    )
     # The MQTT sink wrote as many frames as the JSON Lines sink while the broker was gone: a
     # publish that waited for the broker would have made its drop-oldest buffer drop them.
     assert mqtt_frames >= jsonl_frames - 2, (mqtt_frames, jsonl_frames)
@@ -344,6 +351,55 @@ def test_user_and_password_from_the_environment_log_in(
     # A refused login is not a failed run: nothing is published, all of it counted as dropped.
     assert results["wrong"]["published"] == 0 and results["wrong"]["dropped"] == 10
     assert sub.count() == 10
+
+
+def _tls_files(folder: Path) -> tuple[Path, Path, Path]:
+    """A throw-away CA and a server certificate for 127.0.0.1 signed by it (openssl)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl not found on PATH (Debian package 'openssl')")
+    ca, ca_key = folder / "ca.pem", folder / "ca.key"
+    cert, key, csr = folder / "server.pem", folder / "server.key", folder / "server.csr"
+    san = folder / "san.ext"
+    san.write_text("subjectAltName=IP:127.0.0.1\n")
+    for args in (
+        ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca]
+        + ["-days", "1", "-subj", "/CN=finestream test CA"],
+        ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr]
+        + ["-subj", "/CN=127.0.0.1"],
+        ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial"]
+        + ["-out", cert, "-days", "1", "-extfile", san],
+    ):
+        subprocess.run([openssl, *map(str, args)], check=True, capture_output=True)
+    return ca, cert, key
+
+
+def test_tls_with_the_ca_from_the_environment(
+    teacher: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ca, cert, key = _tls_files(tmp_path)
+    tls = (f"cafile {ca}", f"certfile {cert}", f"keyfile {key}")
+    broker = Broker(tmp_path, extra=tls).start()
+    clip = media_path("cars_320x240_mjpeg.avi")
+    results = {}
+    try:
+        for name, environ in (("our CA", {"FINESTREAM_MQTT_CA": str(ca)}), ("system CAs", {})):
+            monkeypatch.delenv("FINESTREAM_MQTT_CA", raising=False)
+            for k, v in environ.items():
+                monkeypatch.setenv(k, v)
+            source = SourceConfig(file=DecodeConfig(path=str(clip), max_frames=10))
+            mqtt_config = MqttSinkConfig(port=broker.port, tls=True, linger_s=0.5)
+            jsonl = tmp_path / "tls.jsonl"
+            assembled = build_pipeline(_config(source, teacher, jsonl, mqtt_config, track=None))
+            _run(assembled)
+            results[name] = assembled.metrics().counters["mqtt_events"]
+    finally:
+        broker.stop()
+    # Acknowledged by the broker (QoS 1) over TLS checked against the CA from the environment.
+    assert results["our CA"]["published"] == 10 and results["our CA"]["dropped"] == 0
+    # The system's CAs do not know this broker: no connection, the run goes on, all counted.
+    assert results["system CAs"]["published"] == 0 and results["system CAs"]["dropped"] == 10
+    assert results["system CAs"]["connections"] == 0
 
 
 def test_credentials_are_refused_in_the_config_file(tmp_path: Path) -> None:

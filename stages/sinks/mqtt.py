@@ -257,8 +257,10 @@ class MqttEventSink(StageBase[FramePacket]):
         self._published = 0
         self._dropped = 0
         self._bytes = 0
+        # Written only by paho's thread (plain assignments), read under _lock.
         self._connected = False
         self._connections = 0
+        self._failing = False
 
     @property
     def broker(self) -> str:
@@ -302,6 +304,7 @@ class MqttEventSink(StageBase[FramePacket]):
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
         client.max_queued_messages_set(cfg.max_queued)
         client.reconnect_delay_set(
             min_delay=max(1, round(cfg.reconnect_min_s)), max_delay=round(cfg.reconnect_max_s)
@@ -442,12 +445,20 @@ class MqttEventSink(StageBase[FramePacket]):
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any) -> None:
         if reason.is_failure:
-            logger.warning(
-                "%s: broker %s refused the connection: %s", self.name, self.broker, reason
-            )
+            if not self._failing:  # once per outage (a wrong password is refused every try)
+                self._failing = True
+                logger.warning(
+                    "%s: broker %s refused the connection: %s (credentials: %s, %s)",
+                    self.name,
+                    self.broker,
+                    reason,
+                    ENV_USERNAME,
+                    ENV_PASSWORD,
+                )
             self._connection_changed = True
             return
         self._connected = True
+        self._failing = False
         self._connections += 1
         self._connection_changed = True
         if self._connections > 1:
@@ -455,6 +466,15 @@ class MqttEventSink(StageBase[FramePacket]):
 
     def _on_connect_fail(self, client: Any, userdata: Any) -> None:
         self._connection_changed = True
+        if not self._failing:  # once per outage, not at every attempt
+            self._failing = True
+            logger.warning(
+                "%s: cannot connect to the broker %s; retrying every %g s at most "
+                "(check the host, port, TLS and credentials; -vv shows paho's log)",
+                self.name,
+                self.broker,
+                self.config.reconnect_max_s,
+            )
 
     def _on_disconnect(
         self, client: Any, userdata: Any, flags: Any, reason: Any, props: Any
@@ -464,11 +484,13 @@ class MqttEventSink(StageBase[FramePacket]):
         self._connection_changed = True
         if was and self._client is not None:
             logger.warning(
-                "%s: lost the broker %s (%s); reconnecting, new messages queue (at most %d)",
+                "%s: lost the broker %s (%s); reconnecting, %s",
                 self.name,
                 self.broker,
                 reason,
-                self.config.max_queued,
+                "messages meanwhile are dropped (QoS 0)"
+                if self.config.qos == 0
+                else f"messages meanwhile queue (at most {self.config.max_queued})",
             )
 
     def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any, props: Any) -> None:
