@@ -160,6 +160,26 @@ def test_torch_and_onnxruntime_edge_std_agree(checkpoint: Path, edge_std_onnx: P
     np.testing.assert_array_equal(boxes, b.boxes_xyxy)
 
 
+def test_a_checkpoint_run_in_onnx_runtime_gives_edge_std_too(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    """``backend: auto`` on a CPU runs a .pth through a cached export: it has the output."""
+    from dfine.backends.device import Device
+    from stages.infer import Backend, InferConfig, make_backend
+
+    config = InferConfig(
+        model=checkpoint,
+        backend=Backend.ONNXRUNTIME,
+        device=Device.CPU,
+        imgsz=IMGSZ,
+        onnx_cache_dir=tmp_path,
+    )
+    backend = make_backend(config)
+    assert isinstance(backend, OnnxRuntimeBackend) and backend.provides_edge_std
+    out = backend.detect(torch.rand(1, 3, IMGSZ, IMGSZ), torch.tensor([[IMGSZ, IMGSZ]]))
+    assert out.edge_std_px is not None and out.edge_std_px.shape == (1, 300, 4)
+
+
 def test_the_official_export_runs_with_no_edge_std(fixtures_dir: Path) -> None:
     backend = OnnxRuntimeBackend(
         fixtures_dir / CALIBRATED / "dfine_n_calibrated_official.onnx", intra_op_threads=1
