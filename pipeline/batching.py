@@ -6,7 +6,7 @@ same overflow policies as ``RingBuffer``: a latest-only slot, ``capacity 1`` + `
 for a live camera; a blocking FIFO for a file, which never drops). ``get_batch()`` forms a
 batch of up to ``max_batch`` items from the lanes that have one ready, taking the lanes in turn
 (the one after the last lane served goes first next time, so no stream is starved when more
-are ready than fit), and returns it as soon as
+are ready than fit; a file's lane may give several queued items), and returns it as soon as
 
 - the batch is full, or
 - every *expected* lane has given an item (there is nothing to wait for), or
@@ -15,7 +15,9 @@ are ready than fit), and returns it as soon as
 A lane is expected once it has delivered an item. A lane that gives nothing within one batch's
 timeout is marked *stalled* and no later batch waits for it until its next item arrives: a
 camera that dies or freezes costs the others at most one wait of ``batch_timeout_s``, once,
-and is simply left out of the batches after that. Per-stream order is kept: items of one lane
+and is simply left out of the batches after that. While a batch waits it takes only the items
+of the lanes still missing, not a second, newer item of a lane already in it: otherwise the
+batch could fill up before a dead camera is ever found missing, and every batch would wait. Per-stream order is kept: items of one lane
 come out in the order they went in, in one batch or across batches.
 
 Threads: any number of producers call ``put()`` (each blocks only on its own lane when that is
@@ -253,8 +255,8 @@ class Batcher(Generic[T]):
             batch: list[T] = []
             given: set[Hashable] = set()
             window_end = time.monotonic() + self.spec.batch_timeout_s
+            self._take(batch, given)
             while True:
-                self._take(batch, given)
                 if len(batch) >= self.spec.max_batch or self._ended:
                     break
                 waiting = [lane for lane in self._lanes.values() if lane.expected]
@@ -269,6 +271,10 @@ class Batcher(Generic[T]):
                 self._ready.wait(remaining)
                 if self._closed:
                     raise BufferClosed(f"batcher '{self.name}' is closed")
+                # Only the streams still missing: a second, newer frame of a stream already in
+                # the batch waits for the next one (taking it would let the batch fill up before
+                # a dead stream is ever found missing, and every batch would wait for it).
+                self._take(batch, given, missing_only=True)
             self._room.notify_all()
             return batch
 
@@ -317,9 +323,10 @@ class Batcher(Generic[T]):
     def _any_ready(self) -> bool:
         return any(lane.items for lane in self._lanes.values())
 
-    def _take(self, batch: list[T], given: set[Hashable]) -> None:
+    def _take(self, batch: list[T], given: set[Hashable], missing_only: bool = False) -> None:
         """Fill ``batch`` from the lanes in turn, one item per lane per round, until it is
-        full or every lane is empty; the lane after the last one served goes first next time."""
+        full or every lane is empty (``missing_only``: one round, over the lanes not in
+        ``given``); the lane after the last one served goes first next time."""
         n = len(self._order)
         took = True
         while took and len(batch) < self.spec.max_batch:
@@ -330,13 +337,15 @@ class Batcher(Generic[T]):
                     break
                 index = (start + step) % n
                 lane = self._lanes[self._order[index]]
-                if not lane.items:
+                if not lane.items or (missing_only and lane.key in given):
                     continue
                 batch.append(lane.items.popleft())
                 lane.get_count += 1
                 given.add(lane.key)
                 self._next = (index + 1) % n
                 took = True
+            if missing_only:
+                return
 
     def _check_open_for_put(self) -> None:
         if self._closed:

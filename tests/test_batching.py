@@ -133,6 +133,25 @@ def test_a_stalled_stream_costs_one_timeout_then_is_left_out() -> None:
     assert "c" not in b.stalled()
 
 
+def test_a_newer_frame_of_a_stream_in_the_batch_does_not_fill_the_dead_streams_place() -> None:
+    # Four cameras, max_batch 4, one dies: while the batch waits for it, a live camera's next
+    # frame must not fill the place, or the dead camera would never be found missing and every
+    # batch would wait for such a second frame.
+    timeout_s = 1.0
+    b = _batcher(max_batch=4, timeout_s=timeout_s)
+    for s in "abcd":
+        b.put((s, 0))
+    b.get_batch()
+    for s in "abc":
+        b.put((s, 1))
+    threading.Timer(0.2, lambda: b.put(("a", 2))).start()
+    batch, took_s = _timed_batch(b)
+    assert batch == [("a", 1), ("b", 1), ("c", 1)]
+    assert took_s > timeout_s - 0.05
+    assert b.stalled() == ("d",)
+    assert b.get_batch() == [("a", 2)]  # the newer frame, in the next batch
+
+
 def test_per_stream_order_is_kept_across_batches_with_blocking_lanes() -> None:
     b = _batcher(max_batch=4, timeout_s=0.01, lane=BLOCK)
     per_stream = 200
