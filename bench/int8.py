@@ -336,7 +336,14 @@ def _noisy(inputs: Inputs, seed: int = 0) -> Inputs:
 
 
 def measure(
-    calibrate: Path, frames: int, imgszs: Sequence[int], rounds: int, threads: int, quick: bool
+    calibrate: Path,
+    frames: int,
+    imgszs: Sequence[int],
+    rounds: int,
+    threads: int,
+    quick: bool,
+    checkpoint: Path = FIXTURE_CKPT,
+    dfine_threshold: float | None = None,
 ) -> dict[str, Any]:
     from dfine.export import export_from_checkpoint
 
@@ -393,13 +400,18 @@ def measure(
         # --- D-FINE-N, fixture weights ---
         for k, side in enumerate(sorted(imgszs)):
             fp32 = work / f"dfine_n_{side}.onnx"
-            export_from_checkpoint(FIXTURE_CKPT, None, None, fp32, side)
+            export_from_checkpoint(checkpoint, None, None, fp32, side)
             d_inputs = model_inputs(eval_frames, side)
             d_ref = detect_all(fp32, d_inputs, threads)
-            model = f"D-FINE-N fixture {side}"
-            controls[model] = box_agreement(
-                d_ref, detect_all(fp32, _noisy(d_inputs), threads), 0.0, top_k=TOP_K
-            )
+            weights = "fixture" if checkpoint == FIXTURE_CKPT else checkpoint.name
+            model = f"D-FINE {weights} {side}"
+
+            def agreement(ref: list[Frame], got: list[Frame]) -> Agreement:
+                if dfine_threshold is not None:  # a trained model: its confident boxes
+                    return box_agreement(ref, got, dfine_threshold)
+                return box_agreement(ref, got, 0.0, top_k=TOP_K)
+
+            controls[model] = agreement(d_ref, detect_all(fp32, _noisy(d_inputs), threads))
             d_runs: list[tuple[str, tuple[FloatPart, ...], list[str]]] = [
                 ("geometry + tail (default)", (FloatPart.GEOMETRY, FloatPart.TAIL), [])
             ]
@@ -425,7 +437,7 @@ def measure(
                     label,
                     done.float_nodes,
                     done.nodes,
-                    box_agreement(d_ref, got, 0.0, top_k=TOP_K),
+                    agreement(d_ref, got),
                     _cpu_ms_per_frame(out, d_inputs[:10], threads),
                     q_s,
                 )
@@ -518,6 +530,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick", action="store_true", help="default choices only, fewer frames (a smoke run)"
     )
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        default=FIXTURE_CKPT,
+        help="the D-FINE .pth (default: the calibrated random-weight fixture)",
+    )
+    parser.add_argument(
+        "--dfine-threshold",
+        type=float,
+        help="a trained checkpoint: judge its boxes scoring at least this, as for the teacher "
+        "(default: the top-20 of each frame, for random weights)",
+    )
     parser.add_argument("--json", type=Path, help="write the figures as JSON")
     parser.add_argument("-v", "--verbose", action="store_true")
     return parser
@@ -528,7 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.frames < 1 or args.rounds < 1 or args.threads < 1:
         print("error: --frames, --rounds and --threads must be >= 1", file=sys.stderr)
         return 2
-    missing = [p for p in (TEACHER, FIXTURE_CKPT, args.calibrate) if not p.is_file()]
+    missing = [p for p in (TEACHER, args.checkpoint, args.calibrate) if not p.is_file()]
     if missing:
         print(
             f"error: {missing[0]} not found (the shared/ folder beside the repo)", file=sys.stderr
@@ -536,7 +560,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(args.verbose)
     load_before = [round(x, 2) for x in os.getloadavg()]
-    result = measure(args.calibrate, args.frames, args.imgsz, args.rounds, args.threads, args.quick)
+    result = measure(
+        args.calibrate,
+        args.frames,
+        args.imgsz,
+        args.rounds,
+        args.threads,
+        args.quick,
+        args.checkpoint,
+        args.dfine_threshold,
+    )
     result["load_before"] = load_before
     result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     result["machine"] = machine_info()

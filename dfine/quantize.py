@@ -32,13 +32,15 @@ The output keeps the FP32 file's metadata (class names, input size) and adds ``q
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import io
 import json
 import logging
 import math
 import tempfile
 from collections import defaultdict
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -336,6 +338,33 @@ def _pre_process(fp32_path: Path, out_path: Path) -> None:
         quant_pre_process(str(fp32_path), str(out_path), skip_symbolic_shape=True)
 
 
+class _PerTensorFallback(logging.Filter):
+    """ORT warns (on the root logger) for every 1-D weight, e.g. a LayerNorm's, that per-channel
+    quantisation falls back to one scale for it: expected here, so it is logged at DEBUG."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "is out-of-range for weight" in record.getMessage():
+            logger.debug("%s (quantised per tensor)", record.getMessage())
+            return False
+        return True
+
+
+@contextlib.contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """While ORT quantises: its per-tensor fallback warnings at DEBUG, and its progress prints
+    (histogram calibration writes to stdout, which belongs to the caller) into our log."""
+    fallback = _PerTensorFallback()
+    logging.getLogger().addFilter(fallback)
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        logging.getLogger().removeFilter(fallback)
+        for line in printed.getvalue().splitlines():
+            logger.debug("onnxruntime: %s", line)
+
+
 def quantize_int8(
     fp32_path: str | Path,
     out_path: str | Path,
@@ -404,19 +433,20 @@ def quantize_int8(
             len(excluded),
             len(prepared.graph.node),
         )
-        quantize_static(
-            str(prepared_path),
-            str(out_path),
-            _reader(inputs),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            # U8 activations and S8 weights: ORT's recommended pair on x86 CPUs.
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            nodes_to_exclude=excluded,
-            calibrate_method=ort_method,
-            extra_options=extra,
-        )
+        with _quiet_quantizer():
+            quantize_static(
+                str(prepared_path),
+                str(out_path),
+                _reader(inputs),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                # U8 activations and S8 weights: ORT's recommended pair on x86 CPUs.
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                nodes_to_exclude=excluded,
+                calibrate_method=ort_method,
+                extra_options=extra,
+            )
         nodes = len(prepared.graph.node)
 
     quantized = onnx.load(str(out_path))
