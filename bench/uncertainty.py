@@ -287,7 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--agreement-frames", type=int, default=3)
     parser.add_argument("--noise-min", type=float, default=0.02, help="of the side, control 4")
     parser.add_argument("--noise-max", type=float, default=0.25, help="of the side, control 4")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=str, default="0,1,2,3,4", help="noise draws of control 4, summed"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=Path("bench/out/uncertainty"))
     parser.add_argument("--json", type=Path, default=None)
@@ -341,20 +343,38 @@ def main(argv: list[str] | None = None) -> int:
         runs[f"spread_weight {weight:g}"] = id_metrics(reference, tracked)
     result["tracking"] = runs
 
-    noisy, shuffled = noisy_boxes(reference, args.noise_min, args.noise_max, args.seed)
-    control: dict[str, Any] = {}
-    for weight in [0.0, *args.weights]:
-        tracked, _ = _tracked(zip(frames, noisy), TrackConfig(spread_weight=weight))
-        control[f"spread_weight {weight:g}"] = id_metrics(reference, tracked)
-    for weight in args.weights:
-        tracked, _ = _tracked(zip(frames, shuffled), TrackConfig(spread_weight=weight))
-        control[f"spread_weight {weight:g}, spreads shuffled"] = id_metrics(reference, tracked)
-    for threshold in (0.8, 0.9):
-        tracked, _ = _tracked(zip(frames, noisy), TrackConfig(distance_threshold=threshold))
-        control[f"plain, distance_threshold {threshold:g}"] = id_metrics(reference, tracked)
+    seeds = [int(v) for v in args.seeds.split(",") if v.strip()]
+    per_seed: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for seed in seeds:
+        noisy, shuffled = noisy_boxes(reference, args.noise_min, args.noise_max, seed)
+        runs_of_seed: list[tuple[str, list[Detections], TrackConfig]] = [
+            (f"spread_weight {w:g}", noisy, TrackConfig(spread_weight=w))
+            for w in [0.0, *args.weights]
+        ]
+        runs_of_seed += [
+            (f"spread_weight {w:g}, spreads shuffled", shuffled, TrackConfig(spread_weight=w))
+            for w in args.weights
+        ]
+        runs_of_seed += [
+            (f"plain, distance_threshold {t:g}", noisy, TrackConfig(distance_threshold=t))
+            for t in (0.8, 0.9)
+        ]
+        for name, dets, config in runs_of_seed:
+            tracked, _ = _tracked(zip(frames, dets), config)
+            per_seed[name].append(id_metrics(reference, tracked))
+    control = {
+        name: {
+            "ids": sum(r["ids"] for r in rs),
+            "fragments": sum(r["fragments"] for r in rs),
+            "id_switches": sum(r["id_switches"] for r in rs),
+            "coverage": float(np.mean([r["coverage"] for r in rs])),
+            "id_switches_per_seed": [r["id_switches"] for r in rs],
+        }
+        for name, rs in per_seed.items()
+    }
     result["control_known_spread"] = {
         "noise_of_side": [args.noise_min, args.noise_max],
-        "seed": args.seed,
+        "seeds": seeds,
         "runs": control,
     }
     _print(result)
@@ -402,14 +422,18 @@ def _print(result: dict[str, Any]) -> None:
     c = result["control_known_spread"]
     print(
         f"\ncontrol: the teacher's boxes moved by known noise (std {c['noise_of_side'][0]:g}-"
-        f"{c['noise_of_side'][1]:g} of the side, seed {c['seed']}), that std as edge_std_px, "
-        "against the clean boxes' tracks:"
+        f"{c['noise_of_side'][1]:g} of the side), that std as edge_std_px, against the clean "
+        f"boxes' tracks; sums over {len(c['seeds'])} noise draws (seeds {c['seeds']}):"
     )
-    print("| tracker | ids | fragments | id switches | reference frames with a confirmed id |")
+    print(
+        "| tracker | ids | fragments | id switches (per draw) "
+        "| reference frames with a confirmed id |"
+    )
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, r in c["runs"].items():
+        draws = ", ".join(str(v) for v in r["id_switches_per_seed"])
         print(
-            f"| {name} | {r['ids']} | {r['fragments']} | {r['id_switches']} "
+            f"| {name} | {r['ids']} | {r['fragments']} | {r['id_switches']} ({draws}) "
             f"| {100 * r['coverage']:.0f} % |"
         )
     print(f"\nload average (1, 5, 15 min) at the start: {result['machine']['load_avg_1_5_15']}")

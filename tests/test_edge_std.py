@@ -323,3 +323,27 @@ def test_spread_weighting_keeps_an_unsure_jump_on_its_track(weight: float) -> No
         assert first not in ids[6:], ids
     with pytest.raises(ValueError, match="spread_weight"):
         TrackConfig(spread_weight=-0.5)
+
+
+def test_the_bench_counts_a_split_track_and_draws_known_noise() -> None:
+    from bench.uncertainty import id_metrics, noisy_boxes
+
+    box = np.array([[100, 100, 140, 160]], np.float32)
+
+    def dets(track_id: int) -> Detections:
+        return Detections(box, np.array([0.9], np.float32), np.array([2]), np.array([track_id]))
+
+    reference = [dets(1) for _ in range(12)]
+    run = [dets(5) for _ in range(6)] + [dets(9) for _ in range(6)]
+    m = id_metrics(reference, run)
+    assert (m["reference_tracks"], m["ids"], m["fragments"], m["id_switches"]) == (1, 2, 1, 1)
+    assert m["coverage"] == 1.0
+    clean = [dets(1) for _ in range(400)]
+    noisy, shuffled = noisy_boxes(clean, 0.1, 0.1, seed=0)
+    moved = np.stack([d.boxes_xyxy[0] for d in noisy]) - box[0]
+    spread = noisy[0].edge_std_px
+    assert spread is not None and spread[0].tolist() == pytest.approx([4, 6, 4, 6], abs=1e-4)
+    # The drawn offsets have the stated spread (x2/y2 also carry the +1 px of the ordering).
+    assert moved[:, 0].std() == pytest.approx(4.0, rel=0.15)
+    assert moved[:, 1].std() == pytest.approx(6.0, rel=0.15)
+    assert shuffled[0].edge_std_px is not None
