@@ -13,7 +13,8 @@ pixels, in the same order as ``boxes`` (``dfine.postprocess.EdgeStdNetwork`` def
 backends find it by name; files without it (the official exports) run as before.
 
 The file's ``metadata_props`` carry ``class_names`` (JSON list), ``num_classes``,
-``input_size_hw`` ("H,W") and ``dfine_size``, which the backends read back.
+``input_size_hw`` ("H,W") and ``dfine_size``, which the backends read back. An INT8 model of
+such a file (``finestream export --int8``) is made from it by ``dfine.quantize``.
 """
 
 from __future__ import annotations

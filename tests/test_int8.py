@@ -247,3 +247,26 @@ def test_export_int8_refuses_an_int8_or_non_onnx_model(
         assert main(["export", str(model), "--int8", "--calibrate", str(HIGHWAY)]) == EXIT_USAGE
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and words in err[0], err
+
+
+def test_box_agreement_counts_what_it_says() -> None:
+    """The measure itself, on hand-made detections: label, IoU and score each decide a match."""
+    box = np.array([[10.0, 10.0, 110.0, 110.0]], dtype=np.float32)
+    ref = [(np.array([2]), box, np.array([0.8]))]
+
+    def one(labels: list[int], boxes: np.ndarray, scores: list[float]) -> float:
+        got = [(np.array(labels), boxes, np.array(scores))]
+        return box_agreement(ref, got, 0.35).matched
+
+    assert one([2], box, [0.8]) == 1.0
+    assert one([2], box + [[5.0, 0.0, 5.0, 0.0]], [0.8]) == 1.0  # IoU 0.905
+    assert one([2], box + [[6.0, 0.0, 6.0, 0.0]], [0.8]) == 0.0  # IoU 0.887
+    assert one([3], box, [0.8]) == 0.0  # another label
+    assert one([2], box, [0.2]) == 1.0  # above half the threshold still counts...
+    assert box_agreement(ref, [(np.array([2]), box, np.array([0.2]))], 0.35).kept == 0.0
+    assert one([2], box, [0.1]) == 0.0  # ...below it, the box is lost
+    far = np.array([[300.0, 300.0, 400.0, 400.0]], dtype=np.float32)
+    extra = box_agreement(
+        ref, [(np.array([2, 2]), np.concatenate([box, far]), np.array([0.8, 0.7]))], 0.35
+    )
+    assert extra.matched == 1.0 and extra.extra == 0.5  # one of two confident INT8 boxes is new
