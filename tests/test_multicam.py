@@ -27,13 +27,13 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from fractions import Fraction
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
+from bench.multicam import slow_clip
 from dfine.backends.device import Device
 from pipeline.assemble import build_pipeline
 from pipeline.config import AppConfig, BatchingConfig, OutputsConfig, SourceConfig
@@ -192,27 +192,6 @@ def test_batching_keys_are_validated_with_their_path(
 # -- four real cameras -------------------------------------------------------------------------
 
 
-def _slow_clip(src: Path, dst: Path, fps: int, frames: int = 8) -> Path:
-    """``frames`` pictures of ``src`` re-encoded at ``fps`` (the server plays a file at its rate)."""
-    with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
-        stream = out.add_stream("libx264", rate=fps)
-        stream.pix_fmt = "yuv420p"
-        stream.time_base = Fraction(1, fps)
-        for i, frame in enumerate(inp.decode(video=0)):
-            if i == frames:
-                break
-            if i == 0:
-                stream.width, stream.height = frame.width, frame.height
-            picture = av.VideoFrame.from_ndarray(frame.to_ndarray(format="rgb24"), format="rgb24")
-            picture = picture.reformat(format="yuv420p")
-            picture.pts = i
-            for packet in stream.encode(picture):
-                out.mux(packet)
-        for packet in stream.encode(None):
-            out.mux(packet)
-    return dst
-
-
 class _CounterTimes:
     """Polls the inference stage's per-stream counters; when each stream's count went up."""
 
@@ -261,7 +240,7 @@ def _batches_of(metrics: PipelineMetrics, size: int) -> int:
 @pytest.fixture
 def four_cameras(media_dir: Path, tmp_path: Path) -> Iterator[list[RtspServer]]:
     require_rtsp_server()
-    clip = _slow_clip(media_dir / "cars_320x240_mjpeg.avi", tmp_path / "cam.mp4", CAMERA_FPS)
+    clip = slow_clip(media_dir / "cars_320x240_mjpeg.avi", tmp_path / "cam.mp4", CAMERA_FPS)
     with ExitStack() as stack:
         yield [stack.enter_context(RtspServer(clip)) for _ in range(4)]
 
