@@ -273,7 +273,7 @@ def test_a_broker_stopped_mid_run_keeps_the_frame_rate_and_counts_the_drops(
         mqtt_sink = next(s for s in assembled.stages if isinstance(s, MqttEventSink))
         assembled.pipeline.start()
         try:
-            assert _wait(lambda: mqtt_sink.stats().published >= 25, 60), "nothing published"
+            assert _wait(lambda: mqtt_sink.stats().published >= 10, 300), "nothing published"
 
             def figures() -> tuple[int, int, int]:
                 return (
@@ -286,12 +286,12 @@ def test_a_broker_stopped_mid_run_keeps_the_frame_rate_and_counts_the_drops(
             assert _wait(lambda: not mqtt_sink.stats().connected, 10)
             before = figures()
             received_at_stop = sub.count()
-            assert _wait(lambda: figures()[1] >= before[1] + 60, 120), "frames stopped flowing"
+            assert _wait(lambda: figures()[1] >= before[1] + 60, 300), "frames stopped flowing"
             after = figures()
             down = mqtt_sink.stats()
             broker.start()
-            assert _wait(lambda: mqtt_sink.stats().connections >= 2, 30), "no reconnect"
-            assert _wait(lambda: sub.count() > received_at_stop + 10, 30), "nothing after it"
+            assert _wait(lambda: mqtt_sink.stats().connections >= 2, 60), "no reconnect"
+            assert _wait(lambda: sub.count() > received_at_stop + 10, 120), "nothing after it"
             back = mqtt_sink.stats()
         finally:
             assembled.stop()

@@ -131,8 +131,8 @@ class MqttSinkConfig:
             )
         if self.qos not in (0, 1, 2):
             raise ValueError(f"mqtt.qos must be 0, 1 or 2, got {self.qos}")
-        if self.max_queued < 1:
-            raise ValueError(f"mqtt.max_queued must be >= 1 message, got {self.max_queued}")
+        if not 1 <= self.max_queued <= 65535:  # message ids are 16 bits: one each in flight
+            raise ValueError(f"mqtt.max_queued must be within 1..65535, got {self.max_queued}")
         if self.keepalive_s < 1:
             raise ValueError(f"mqtt.keepalive_s must be >= 1, got {self.keepalive_s}")
         if self.client_id is not None and not self.client_id:
