@@ -188,7 +188,10 @@ def _check_pairs(
 ) -> None:
     for i, pair in enumerate(pairs):
         if not (isinstance(pair, tuple) and len(pair) == 2 and isinstance(pair[1], specs)):
-            raise ValueError(f"{kind}[{i}] must be a ({kind[:-1]}, BufferSpec) pair, got {pair!r}")
+            spec_names = " or ".join(spec.__name__ for spec in specs)
+            raise ValueError(
+                f"{kind}[{i}] must be a ({kind[:-1]}, {spec_names}) pair, got {pair!r}"
+            )
         if isinstance(pair[1], BatchSpec) and not callable(getattr(pair[0], "process_batch", None)):
             raise ValueError(
                 f"{kind}[{i}] ({getattr(pair[0], 'name', pair[0])!r}) has a BatchSpec but no "
