@@ -7,8 +7,9 @@ metric families, generically: every number or flag of ``StageMetrics`` (per stag
 own work (``PipelineMetrics.counters``: a live source's outages and reconnects, a sink's drops),
 so a figure added to those later appears without code here. Names follow Prometheus' habits:
 ``finestream_`` first, base units (a ``*_ms`` field is exported in seconds as ``*_seconds``,
-``*_fraction`` as ``*_ratio``), ``_total`` on counters. See ``describe_names()`` for the list a
-run gives.
+``*_fraction`` as ``*_ratio``), ``_total`` on counters; the time-per-item histogram and a
+``<x>_counts`` tuple (``batch_size_counts``: how often each batch size came) are histograms.
+See ``describe_names()`` for the list a run gives.
 
 Serving: ``MetricsServer`` binds ``host:port`` (127.0.0.1 by default: the figures name cameras
 and zones; expose them further on purpose) in the calling thread, so a port in use fails before
@@ -20,8 +21,9 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import itertools
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -45,7 +47,17 @@ NAMESPACE = "finestream"
 #: Fields (of the metrics dataclasses) that only grow during a run: exported as counters. Any
 #: other number is a gauge, which is right for levels and rates and harmless for a new total.
 _COUNTER_FIELDS = frozenset(
-    {"items", "cpu_s", "count", "put_count", "get_count", "dropped", "frames_in", "frames_out"}
+    {
+        "items",
+        "cpu_s",
+        "count",
+        "put_count",
+        "get_count",
+        "dropped",
+        "frames_in",
+        "frames_out",
+        "batches",
+    }
 )
 #: Stage counters (``PipelineMetrics.counters``) that only grow, exported under their own name
 #: as well as in ``finestream_stage_counter``: the ones a dashboard asks for first.
@@ -116,16 +128,23 @@ class _Families:
             family.add_metric(list(labels.values()), value)
 
     def add_histogram(
-        self, name: str, doc: str, labels: Mapping[str, str], h: DurationHistogram
+        self,
+        name: str,
+        doc: str,
+        labels: Mapping[str, str],
+        bounds_cumulative: Sequence[tuple[float, int]],
+        count: int,
+        total: float,
     ) -> None:
+        """A histogram sample: (upper bound, observations <= it) ascending, then all of them."""
         family = self._family(
             name, labels, lambda full: HistogramMetricFamily(full, doc, labels=list(labels))
         )
         if family is None:
             return
-        buckets = [(repr(b), float(c)) for b, c in zip(h.upper_bounds_s, h.cumulative_counts)]
-        buckets.append(("+Inf", float(h.count)))
-        family.add_metric(list(labels.values()), buckets, h.sum_s)  # type: ignore[attr-defined]
+        buckets = [(repr(float(b)), float(c)) for b, c in bounds_cumulative]
+        buckets.append(("+Inf", float(count)))
+        family.add_metric(list(labels.values()), buckets, total)  # type: ignore[attr-defined]
 
     def _family(self, name: str, labels: Mapping[str, str], make: Callable[[str], Metric]) -> Any:
         full = f"{NAMESPACE}_{name}"
@@ -170,8 +189,25 @@ def _add_fields(
         if isinstance(value, DurationHistogram):
             name, _ = _metric_name(f"{f.name}_s")
             families.add_histogram(
-                f"{prefix}_{name}", f"{what}: {field_path} (histogram)", labels, value
+                f"{prefix}_{name}",
+                f"{what}: {field_path} (histogram)",
+                labels,
+                list(zip(value.upper_bounds_s, value.cumulative_counts)),
+                value.count,
+                value.sum_s,
             )
+        elif f.name.endswith("_counts") and isinstance(value, tuple):
+            # ``<x>_counts[k]``: how many times <x> was k + 1 (batch_size_counts): a histogram
+            # of <x> with a bucket per value.
+            if value:
+                families.add_histogram(
+                    f"{prefix}_{f.name.removesuffix('_counts')}",
+                    f"{what}: {field_path} (histogram)",
+                    labels,
+                    [(k + 1, n) for k, n in enumerate(itertools.accumulate(value))],
+                    sum(value),
+                    float(sum((k + 1) * n for k, n in enumerate(value))),
+                )
         elif dataclasses.is_dataclass(value):
             _add_fields(families, value, f"{prefix}_{f.name}", labels, what, path=f"{field_path}.")
         elif isinstance(value, (bool, int, float)):

@@ -245,6 +245,29 @@ def test_new_figures_appear_without_code_in_the_exporter() -> None:
     assert value(samples, "finestream_stage_counter", stage="infer", counter="mean_batch") == 2.5
 
 
+def test_the_inference_batch_size_is_a_histogram() -> None:
+    recorder = StageRecorder("infer", StageKind.PROCESSOR)
+    recorder.mark_started()
+    for size in (1, 4, 4, 3):
+        recorder.record_batch(0.0, 0.1, size)
+    metrics = dataclasses.replace(_metrics(), stages=(recorder.snapshot(),))
+    server = MetricsServer(MetricsConfig(port=free_port()), lambda: metrics)
+    server.start()
+    try:
+        samples = scrape(server.url)
+    finally:
+        server.close()
+    infer = {"stage": "infer", "kind": "processor"}
+    buckets = [
+        value(samples, "finestream_stage_batch_size_bucket", le=le, **infer)
+        for le in ("1.0", "2.0", "3.0", "4.0", "+Inf")
+    ]
+    assert buckets == [1, 1, 2, 4, 4]
+    assert value(samples, "finestream_stage_batch_size_sum", **infer) == 12
+    assert value(samples, "finestream_stage_batches_total", **infer) == 4
+    assert value(samples, "finestream_stage_items_total", **infer) == 12
+
+
 def test_stage_counters_named_for_dashboards() -> None:
     live = {"connected": False, "outages": 2, "reconnects": 1, "frames": 10}
     names = describe_names(_metrics(**{"live:cam": live, "mqtt_events": {"dropped": 4}}))
