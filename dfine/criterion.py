@@ -104,20 +104,60 @@ class EdgeTargets:
 
 
 @dataclass(frozen=True)
+class Pairs:
+    """One matching's ``k`` pairs, flattened once for every set and term that uses them.
+
+    ``batch_idx``/``pred_idx`` int64 ``(k,)`` index ``(B, Q, ...)`` outputs (``index``);
+    ``labels`` int64 ``(k,)``, ``boxes_cxcywh`` and ``boxes_xyxy`` float ``(k, 4)`` are each
+    pair's GT, all on the outputs' device; ``indices`` is the per-image matching they came from.
+    """
+
+    indices: MatchIndices
+    batch_idx: torch.Tensor
+    pred_idx: torch.Tensor
+    labels: torch.Tensor
+    boxes_cxcywh: torch.Tensor
+    boxes_xyxy: torch.Tensor
+
+    @property
+    def index(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.batch_idx, self.pred_idx
+
+
+def make_pairs(indices: MatchIndices, targets: Sequence[Target], device: torch.device) -> Pairs:
+    """Flatten ``indices`` for indexing outputs on ``device`` and gather each pair's GT."""
+    batch_idx, pred_idx = _flat_index(indices, device)
+    boxes = _matched_gt(targets, indices, "boxes").to(device)
+    return Pairs(
+        indices=indices,
+        batch_idx=batch_idx,
+        pred_idx=pred_idx,
+        labels=_matched_gt(targets, indices, "labels").to(device),
+        boxes_cxcywh=boxes,
+        boxes_xyxy=box_cxcywh_to_xyxy(boxes),
+    )
+
+
+@dataclass(frozen=True)
 class Supervision:
     """How one output set is supervised: the pairs and normaliser of each kind of term.
 
-    ``class_indices``/``class_norm`` serve the VFL term; ``box_indices``/``box_norm`` the L1,
-    GIoU, FGL and DDF terms. ``edge_targets`` are the FGL targets of ``box_indices`` (None for
-    sets without corner distributions). ``ddf_balance`` weights DDF's (matched, unmatched) means.
+    ``class_pairs``/``class_norm`` serve the VFL term; ``box_pairs``/``box_norm`` the L1,
+    GIoU, FGL and DDF terms. ``class_iou``/``box_iou`` float ``(k,)`` are the detached IoUs of
+    this set's predicted boxes with their GT (``box_iou`` None for a set without corner
+    distributions, whose terms do not use it). ``edge_targets`` are the FGL targets of
+    ``box_pairs`` (None for sets without corner distributions). ``ddf_balance`` weights DDF's
+    (matched, unmatched) means.
     """
 
-    class_indices: MatchIndices
+    class_pairs: Pairs
     class_norm: float
-    box_indices: MatchIndices
+    box_pairs: Pairs
     box_norm: float
     edge_targets: EdgeTargets | None
     ddf_balance: tuple[float, float]
+    class_iou: torch.Tensor
+    box_iou: torch.Tensor | None
 
 
 def go_union(match_sets: Sequence[MatchIndices]) -> MatchIndices:
@@ -229,11 +269,24 @@ def _matched_gt(targets: Sequence[Target], indices: MatchIndices, key: str) -> t
     )
 
 
-def _pair_iou(outputs: Outputs, targets: Sequence[Target], indices: MatchIndices) -> torch.Tensor:
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """``torch.equal(a, b)``, with most unequal pairs told apart by their first row.
+
+    torch.equal reads both tensors whole (about 1.5 ms for a batch's corner logits on the CPU),
+    and DDF asks it for every layer, of which only the last one matches its teacher.
+    """
+    if a.shape != b.shape:
+        return False
+    first = (0,) * (a.dim() - 1)
+    if a.numel() and not torch.equal(a[first], b[first]):
+        return False
+    return torch.equal(a, b)
+
+
+def _pair_iou(outputs: Outputs, pairs: Pairs) -> torch.Tensor:
     """Detached IoU of each matched prediction with its GT, float ``(k,)``."""
-    idx = _flat_index(indices, outputs["pred_boxes"].device)
-    pred = box_cxcywh_to_xyxy(at_least_float32(outputs["pred_boxes"][idx].detach()))
-    return box_iou_paired(pred, box_cxcywh_to_xyxy(_matched_gt(targets, indices, "boxes")))
+    pred = box_cxcywh_to_xyxy(at_least_float32(outputs["pred_boxes"][pairs.index].detach()))
+    return box_iou_paired(pred, pairs.boxes_xyxy)
 
 
 class Criterion(nn.Module):
@@ -290,11 +343,11 @@ class Criterion(nn.Module):
     def loss_vfl(
         self, outputs: Outputs, targets: Sequence[Target], sup: Supervision
     ) -> dict[str, torch.Tensor]:
-        """Varifocal loss over ``pred_logits`` ``(B, Q, C)``; positives are ``sup.class_indices``."""
+        """Varifocal loss over ``pred_logits`` ``(B, Q, C)``; positives are ``sup.class_pairs``."""
         logits = at_least_float32(outputs["pred_logits"])
-        b, q = _flat_index(sup.class_indices, logits.device)
-        labels = _matched_gt(targets, sup.class_indices, "labels").to(logits.device)
-        iou = _pair_iou(outputs, targets, sup.class_indices).to(logits.dtype)
+        b, q = sup.class_pairs.index
+        labels = sup.class_pairs.labels
+        iou = sup.class_iou.to(logits.dtype)
         is_gt = torch.zeros_like(logits)
         is_gt[b, q, labels] = 1.0
         score = torch.zeros_like(logits)
@@ -310,11 +363,11 @@ class Criterion(nn.Module):
     def loss_boxes(
         self, outputs: Outputs, targets: Sequence[Target], sup: Supervision
     ) -> dict[str, torch.Tensor]:
-        """L1 (cxcywh) and GIoU losses of the ``sup.box_indices`` pairs of ``pred_boxes`` ``(B, Q, 4)``."""
+        """L1 (cxcywh) and GIoU losses of the ``sup.box_pairs`` of ``pred_boxes`` ``(B, Q, 4)``."""
         boxes = at_least_float32(outputs["pred_boxes"])
-        pred = boxes[_flat_index(sup.box_indices, boxes.device)]
-        gt = _matched_gt(targets, sup.box_indices, "boxes").to(boxes.device)
-        giou = generalized_box_iou_paired(box_cxcywh_to_xyxy(pred), box_cxcywh_to_xyxy(gt))
+        pred = boxes[sup.box_pairs.index]
+        gt = sup.box_pairs.boxes_cxcywh
+        giou = generalized_box_iou_paired(box_cxcywh_to_xyxy(pred), sup.box_pairs.boxes_xyxy)
         return {
             "loss_bbox": (pred - gt).abs().sum() / sup.box_norm,
             "loss_giou": (1 - giou).sum() / sup.box_norm,
@@ -324,17 +377,15 @@ class Criterion(nn.Module):
         self, outputs: Outputs, targets: Sequence[Target], sup: Supervision
     ) -> dict[str, torch.Tensor]:
         """Fine-Grained Localization loss on ``pred_corners`` ``(B, Q, 4 * (reg_max + 1))``."""
-        if "pred_corners" not in outputs or sup.edge_targets is None:
+        if "pred_corners" not in outputs or sup.edge_targets is None or sup.box_iou is None:
             return {}
         corners = at_least_float32(outputs["pred_corners"])
         num_bins = corners.shape[-1] // _EDGES
-        logp = F.log_softmax(
-            corners[_flat_index(sup.box_indices, corners.device)].reshape(-1, num_bins), dim=1
-        )
+        logp = F.log_softmax(corners[sup.box_pairs.index].reshape(-1, num_bins), dim=1)
         target = sup.edge_targets
         ce_left = -logp.gather(1, target.left_bin[:, None]).squeeze(1)
         ce_right = -logp.gather(1, target.left_bin[:, None] + 1).squeeze(1)
-        iou = _pair_iou(outputs, targets, sup.box_indices).repeat_interleave(_EDGES)
+        iou = sup.box_iou.repeat_interleave(_EDGES)
         loss = (ce_left * target.weight_left + ce_right * target.weight_right) * iou
         return {"loss_fgl": loss.sum() / sup.box_norm}
 
@@ -342,11 +393,11 @@ class Criterion(nn.Module):
         self, outputs: Outputs, targets: Sequence[Target], sup: Supervision
     ) -> dict[str, torch.Tensor]:
         """Decoupled Distillation Focal loss from ``teacher_corners`` to ``pred_corners`` (both ``(B, Q, 4(R+1))``)."""
-        if "teacher_corners" not in outputs:
+        if "teacher_corners" not in outputs or sup.box_iou is None:
             return {}
         student = at_least_float32(outputs["pred_corners"])
         teacher = at_least_float32(outputs["teacher_corners"].detach())
-        if torch.equal(student, teacher):
+        if outputs["teacher_corners"] is outputs["pred_corners"] or _same_values(student, teacher):
             # The last layer is its own teacher: nothing to distil, but keep the term in the graph.
             return {"loss_ddf": student.sum() * 0.0}
         num_bins = student.shape[-1] // _EDGES
@@ -360,11 +411,9 @@ class Criterion(nn.Module):
         # the teacher is that something is there.
         weight = at_least_float32(outputs["teacher_logits"].detach()).sigmoid().amax(dim=-1)
         matched = torch.zeros_like(weight, dtype=torch.bool)
-        idx = _flat_index(sup.box_indices, weight.device)
+        idx = sup.box_pairs.index
         matched[idx] = True
-        weight = weight.index_put(
-            idx, _pair_iou(outputs, targets, sup.box_indices).to(weight.dtype)
-        )
+        weight = weight.index_put(idx, sup.box_iou.to(weight.dtype))
         loss = weight.reshape(-1).repeat_interleave(_EDGES) * kl
         matched = matched.reshape(-1).repeat_interleave(_EDGES)
         mean_matched = torch.where(matched, loss, 0.0).sum() / matched.sum().clamp(min=1)
@@ -379,11 +428,18 @@ class Criterion(nn.Module):
 
     def match(self, outputs: Outputs, targets: Sequence[Target]) -> Matching:
         """All assignments for one evaluation: a Hungarian run per output set, the GO union, the denoising pairs."""
-        main = self.matcher(outputs, targets)
-        aux = [self.matcher(layer, targets) for layer in outputs.get("aux_outputs", [])]
-        pre = self.matcher(outputs["pre_outputs"], targets) if "pre_outputs" in outputs else None
+        aux_sets = list(outputs.get("aux_outputs", []))
+        pre_sets = [outputs["pre_outputs"]] if "pre_outputs" in outputs else []
+        enc_sets = list(outputs.get("enc_aux_outputs", []))
         enc_targets = self._encoder_targets(outputs, targets)
-        enc = [self.matcher(layer, enc_targets) for layer in outputs.get("enc_aux_outputs", [])]
+        # All sets scored against the same targets go through the matcher together.
+        together = [outputs, *aux_sets, *pre_sets, *(enc_sets if enc_targets is targets else [])]
+        found = self.matcher.match_sets(together, targets)
+        if enc_targets is not targets:
+            found += self.matcher.match_sets(enc_sets, enc_targets)
+        main, aux = found[0], found[1 : 1 + len(aux_sets)]
+        pre = found[1 + len(aux_sets)] if pre_sets else None
+        enc = found[1 + len(aux_sets) + len(pre_sets) :]
         go = go_union([main, *aux, *([pre] if pre is not None else []), *enc])
         dn = denoising_indices(outputs["dn_meta"], targets) if "dn_outputs" in outputs else None
         return Matching(
@@ -427,65 +483,89 @@ class Criterion(nn.Module):
     def _output_sets(
         self, outputs: Outputs, targets: Sequence[Target], matching: Matching
     ) -> list[tuple[str, Outputs, Sequence[Target], Supervision]]:
-        """Every output set with its suffix, targets and supervision, in the official order."""
-        balance = self._ddf_balance(outputs, matching.go)
-        go_edges = self._edge_targets(outputs, outputs, targets, matching.go)
+        """Every output set with its suffix, targets and supervision, in the official order.
 
-        def regular(class_indices: MatchIndices, edges: EdgeTargets | None) -> Supervision:
+        Each matching is flattened once (:func:`make_pairs`) and each set's IoUs computed once,
+        however many sets and terms share them.
+        """
+        device = outputs["pred_boxes"].device
+        balance = self._ddf_balance(outputs, matching.go)
+        go = make_pairs(matching.go, targets, device)
+        go_edges = self._edge_targets(outputs, outputs, go)
+
+        def supervise(
+            layer: Outputs,
+            class_pairs: Pairs,
+            class_norm: float,
+            box_pairs: Pairs,
+            box_norm: float,
+            edges: EdgeTargets | None,
+        ) -> Supervision:
+            class_iou = _pair_iou(layer, class_pairs)
+            box_iou = None
+            if "pred_corners" in layer:  # FGL and DDF use it
+                box_iou = class_iou if box_pairs is class_pairs else _pair_iou(layer, box_pairs)
             return Supervision(
-                class_indices,
-                matching.num_boxes,
-                matching.go,
-                matching.num_boxes_go,
-                edges,
-                balance,
+                class_pairs, class_norm, box_pairs, box_norm, edges, balance, class_iou, box_iou
+            )
+
+        def regular(
+            layer: Outputs,
+            class_indices: MatchIndices,
+            class_targets: Sequence[Target],
+            edges: EdgeTargets | None,
+        ) -> Supervision:
+            class_pairs = make_pairs(class_indices, class_targets, device)
+            return supervise(
+                layer, class_pairs, matching.num_boxes, go, matching.num_boxes_go, edges
             )
 
         sets: list[tuple[str, Outputs, Sequence[Target], Supervision]] = [
-            ("", outputs, targets, regular(matching.main, go_edges))
+            ("", outputs, targets, regular(outputs, matching.main, targets, go_edges))
         ]
         for i, (layer, indices) in enumerate(
             zip(outputs.get("aux_outputs", []), matching.aux, strict=True)
         ):
-            sets.append((f"_aux_{i}", layer, targets, regular(indices, go_edges)))
+            sets.append((f"_aux_{i}", layer, targets, regular(layer, indices, targets, go_edges)))
         if matching.pre is not None:
-            sets.append(("_pre", outputs["pre_outputs"], targets, regular(matching.pre, None)))
+            pre = outputs["pre_outputs"]
+            sets.append(("_pre", pre, targets, regular(pre, matching.pre, targets, None)))
         enc_targets = self._encoder_targets(outputs, targets)
         for i, (layer, indices) in enumerate(
             zip(outputs.get("enc_aux_outputs", []), matching.enc, strict=True)
         ):
-            sets.append((f"_enc_{i}", layer, enc_targets, regular(indices, None)))
+            # The box terms use the GT boxes, which the encoder's targets share.
+            sup = regular(layer, indices, enc_targets, None)
+            sets.append((f"_enc_{i}", layer, enc_targets, sup))
 
         if matching.dn is not None:
             dn_layers = list(outputs["dn_outputs"])
             # At least 1: a batch without GT may still carry an empty denoising group.
             dn_norm = max(matching.num_boxes * int(outputs["dn_meta"]["dn_num_group"]), 1.0)
-            dn_edges = (
-                self._edge_targets(outputs, dn_layers[0], targets, matching.dn)
-                if dn_layers
-                else None
-            )
+            dn = make_pairs(matching.dn, targets, device)
+            dn_edges = self._edge_targets(outputs, dn_layers[0], dn) if dn_layers else None
             # DDF's balance stays the one of the matching queries (as the official criterion).
-            dn_sup = Supervision(matching.dn, dn_norm, matching.dn, dn_norm, dn_edges, balance)
-            sets.extend((f"_dn_{i}", layer, targets, dn_sup) for i, layer in enumerate(dn_layers))
+            sets.extend(
+                (f"_dn_{i}", layer, targets, supervise(layer, dn, dn_norm, dn, dn_norm, dn_edges))
+                for i, layer in enumerate(dn_layers)
+            )
             if "dn_pre_outputs" in outputs:
-                sets.append(("_dn_pre", outputs["dn_pre_outputs"], targets, dn_sup))
+                layer = outputs["dn_pre_outputs"]
+                sup = supervise(layer, dn, dn_norm, dn, dn_norm, dn_edges)
+                sets.append(("_dn_pre", layer, targets, sup))
         return sets
 
     @staticmethod
-    def _edge_targets(
-        outputs: Outputs, layer: Outputs, targets: Sequence[Target], indices: MatchIndices
-    ) -> EdgeTargets | None:
-        """FGL targets of ``indices`` from ``layer``'s reference boxes (shared by all its layers)."""
+    def _edge_targets(outputs: Outputs, layer: Outputs, pairs: Pairs) -> EdgeTargets | None:
+        """FGL targets of ``pairs`` from ``layer``'s reference boxes (shared by all its layers)."""
         if "pred_corners" not in layer:
             return None
         reg_max = layer["pred_corners"].shape[-1] // _EDGES - 1
         ref = at_least_float32(layer["ref_points"])
-        ref = ref[_flat_index(indices, ref.device)].detach()
-        gt = box_cxcywh_to_xyxy(_matched_gt(targets, indices, "boxes").to(ref.device))
+        ref = ref[pairs.index].detach()
         up = at_least_float32(outputs["up"]).to(ref.device)
         reg_scale = at_least_float32(outputs["reg_scale"]).to(ref.device)
-        return edge_targets(ref, gt, up, reg_scale, reg_max)
+        return edge_targets(ref, pairs.boxes_xyxy, up, reg_scale, reg_max)
 
     @staticmethod
     def _ddf_balance(outputs: Outputs, go: MatchIndices) -> tuple[float, float]:

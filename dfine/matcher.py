@@ -125,37 +125,61 @@ class HungarianMatcher:
             Per image ``(pred_idx, gt_idx)``, int64 CPU tensors of length ``min(Q, n_b)``,
             ``pred_idx`` ascending: prediction ``pred_idx[k]`` is matched to GT ``gt_idx[k]``.
         """
-        logits, boxes = outputs["pred_logits"], outputs["pred_boxes"]
-        if len(targets) != logits.shape[0]:
-            raise ValueError(
-                f"HungarianMatcher: {len(targets)} targets for a batch of {logits.shape[0]} images; "
-                "pass one target dict per image"
-            )
+        return self.match_sets([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_sets(
+        self,
+        sets: Sequence[Mapping[str, torch.Tensor]],
+        targets: Sequence[Mapping[str, torch.Tensor]],
+    ) -> list[MatchIndices]:
+        """Match several sets of predictions of the same images to the same targets.
+
+        The same as ``[self(s, targets) for s in sets]`` (the cost of every entry is computed
+        by the same operations), cheaper: per image, the queries of all sets are scored in one
+        :meth:`cost_matrix` call (``(Q_1 + ... + Q_S, n_b)``), and all costs come to the host
+        in one copy. Args as :meth:`__call__`, each set with its own ``Q``.
+
+        Returns:
+            One :data:`MatchIndices` per set, in the order of ``sets``.
+        """
+        logits = [at_least_float32(s["pred_logits"]) for s in sets]
+        boxes = [at_least_float32(s["pred_boxes"]) for s in sets]
+        for lg in logits:
+            if len(targets) != lg.shape[0]:
+                raise ValueError(
+                    f"HungarianMatcher: {len(targets)} targets for a batch of {lg.shape[0]} "
+                    "images; pass one target dict per image"
+                )
         # Imported here: scipy.optimize takes about a second to import, and ``import dfine``
         # must stay light for inference.
         from scipy.optimize import linear_sum_assignment
 
+        queries = [lg.shape[1] for lg in logits]
         costs = [
             self.cost_matrix(
-                at_least_float32(logits[b]),
-                at_least_float32(boxes[b]),
+                torch.cat([lg[b] for lg in logits]),
+                torch.cat([bx[b] for bx in boxes]),
                 t["labels"],
                 at_least_float32(t["boxes"]),
             )
             for b, t in enumerate(targets)
         ]
-        # One device-to-host copy for the whole batch instead of one per image.
+        # One device-to-host copy for the whole batch instead of one per image and set.
         flat = torch.cat([c.reshape(-1) for c in costs]).cpu().numpy()
-        indices: MatchIndices = []
+        matched: list[MatchIndices] = [[] for _ in sets]
         start = 0
         for cost in costs:
-            size = cost.numel()
-            pred_idx, gt_idx = linear_sum_assignment(flat[start : start + size].reshape(cost.shape))
-            start += size
-            indices.append(
-                (
-                    torch.as_tensor(pred_idx, dtype=torch.int64),
-                    torch.as_tensor(gt_idx, dtype=torch.int64),
+            per_image = flat[start : start + cost.numel()].reshape(cost.shape)
+            start += cost.numel()
+            row = 0
+            for s, q in enumerate(queries):
+                pred_idx, gt_idx = linear_sum_assignment(per_image[row : row + q])
+                row += q
+                matched[s].append(
+                    (
+                        torch.as_tensor(pred_idx, dtype=torch.int64),
+                        torch.as_tensor(gt_idx, dtype=torch.int64),
+                    )
                 )
-            )
-        return indices
+        return matched

@@ -294,6 +294,24 @@ def test_matcher_finds_the_optimal_not_the_greedy_assignment() -> None:
     assert [best.index(q) for q in sorted(best)] == gt_idx.tolist()
 
 
+def test_matching_several_sets_at_once_equals_one_call_per_set(case: dict) -> None:
+    # match_sets scores all sets' queries of an image in one cost matrix; the costs, and so
+    # the assignments, must be those of separate calls (sets of another Q and an image
+    # without boxes included).
+    outputs, targets = case["outputs"], case["targets"]
+    sets = [outputs, *outputs["aux_outputs"], outputs["pre_outputs"]]
+    # fewer queries than image 0 has GT boxes: only 2 of its 3 GT get one
+    sets.append({k: v[:, :2] for k, v in outputs["enc_aux_outputs"][0].items()})
+    targets = [targets[0], {"labels": targets[1]["labels"][:0], "boxes": targets[1]["boxes"][:0]}]
+    matcher = HungarianMatcher()
+    together = matcher.match_sets(sets, targets)
+    assert len(together) == len(sets)
+    for s, (one_set, alone) in enumerate(zip(sets, together, strict=True)):
+        _assert_same_indices(alone, matcher(one_set, targets), f"set {s}")
+    assert len(together[-1][0][0]) == 2 and len(targets[0]["labels"]) == 3
+    assert all(len(per_set[1][0]) == 0 for per_set in together)
+
+
 def test_matcher_with_no_ground_truth_matches_nothing() -> None:
     outputs = {"pred_logits": torch.randn(1, 5, 3), "pred_boxes": torch.rand(1, 5, 4) * 0.5 + 0.25}
     [(pred_idx, gt_idx)] = HungarianMatcher()(
