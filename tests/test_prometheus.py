@@ -291,3 +291,50 @@ def test_the_histogram_counts_every_item_in_its_bucket_cumulatively() -> None:
     assert by_bound[0.0005] == 2  # upper bounds are inclusive (Prometheus' le)
     assert by_bound[0.005] == 3 and by_bound[0.25] == 4 and by_bound[10.0] == 4  # 30 s: only +Inf
     assert h.sum_s == pytest.approx(0.0004 + 0.0005 + 0.003 + 0.2 + 30.0)
+
+
+@pytest.mark.rtsp
+def test_a_live_camera_going_down_and_up_shows_in_the_scrapes(
+    teacher: Path, tmp_path: Path
+) -> None:
+    """Source up/down, outages, reconnects and the per-stream drops of a real RTSP camera."""
+    from rtsp_server import RtspServer
+    from stages.live import LiveSourceConfig
+
+    with RtspServer(media_path("cars_320x240_mjpeg.avi")) as camera:
+        live = LiveSourceConfig(
+            url=camera.url, stream_id="cam", backoff_initial_s=0.2, backoff_max_s=0.5
+        )
+        config = dataclasses.replace(
+            AppConfig(),
+            sources=(SourceConfig(live=live),),
+            model=InferConfig(model=teacher),
+            track=None,
+            outputs=OutputsConfig(jsonl=JsonLinesSinkConfig(path=str(tmp_path / "live.jsonl"))),
+        )
+        assembled = build_pipeline(config)
+        server = MetricsServer(MetricsConfig(port=free_port()), assembled.metrics)
+        server.start()
+        cam = {"stage": "live:cam"}
+
+        def up() -> float:
+            return scrape(server.url).get(("finestream_source_up", frozenset(cam.items())), -1)
+
+        try:
+            assembled.pipeline.start()
+            assert _wait(lambda: up() == 1, 120), "the camera never came up"
+            camera.kill()
+            assert _wait(lambda: up() == 0, 30), "still up after the camera died"
+            down = scrape(server.url)
+            camera.start()
+            assert _wait(lambda: up() == 1, 60), "not up again after the restart"
+            back = scrape(server.url)
+        finally:
+            assembled.stop()
+            assembled.pipeline.join(timeout=30)
+            server.close()
+    assert value(down, "finestream_source_outages_total", **cam) == 1
+    assert value(back, "finestream_source_reconnects_total", **cam) == 1
+    # Each camera's frames dropped before inference, under the stream's own name.
+    drops = [k for k in back if k[0] == "finestream_buffer_dropped_total"]
+    assert any(dict(labels)["buffer"].endswith("[cam]") for _, labels in drops), drops
