@@ -20,10 +20,10 @@ Three parts:
    ``converted`` here is what the lazy conversion leaves of that.)
 3. **Isolation**: camera 3's server is killed mid-run; the other cameras' inferred frames per
    second before and after (least-squares slope of their counters, polled every 20 ms, over
-   ``--seconds`` each side). Twice: on cameras slowed to 1 fps (a clip re-encoded at 1 fps, with
-   a batch timeout of 1.5 s, longer than a frame period), where the inference keeps up and each
-   camera's rate is its own; and on the clip's own rate, where the inference is the bottleneck
-   and a batch of three costs less than one of four on a CPU.
+   ``--seconds`` each side). Twice: on cameras slowed to ``--slow-fps`` (a clip re-encoded at
+   that rate, default 1 fps, with a batch timeout of 1.5 s), where the inference should keep up
+   and each camera's rate is its own; and on the clip's own rate, where the inference is the
+   bottleneck and a batch of three costs less than one of four on a CPU.
 
 Figures on a shared, loaded machine are noisy: the CPU ms per frame and the ratios measured in
 the same run are the ones to compare, and ``machine`` in the JSON gives the load.
@@ -305,12 +305,12 @@ def isolation(clip: Path, model: Path, seconds: float, timeout_ms: float) -> dic
     }
 
 
-def slow_clip(src: Path, dst: Path, fps: int, frames: int = 8) -> Path:
+def slow_clip(src: Path, dst: Path, fps: int | Fraction, frames: int = 8) -> Path:
     """``frames`` pictures of ``src`` re-encoded at ``fps`` (the server plays a file at its rate)."""
     with av.open(str(src)) as inp, av.open(str(dst), "w") as out:
         stream = out.add_stream("libx264", rate=fps)
         stream.pix_fmt = "yuv420p"
-        stream.time_base = Fraction(1, fps)
+        stream.time_base = 1 / Fraction(fps)
         for i, frame in enumerate(inp.decode(video=0)):
             if i == frames:
                 break
@@ -360,7 +360,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=20.0, help="each measuring window")
     parser.add_argument("--rounds", type=int, default=2, help="max_batch 1/4 pairs, alternated")
     parser.add_argument(
-        "--skip", action="append", default=[], choices=["throughput", "layout", "isolation"]
+        "--slow-fps",
+        type=Fraction,
+        default=Fraction(SLOW_FPS),
+        help="the slowed cameras' rate in the isolation part, e.g. 1 or 1/4",
+    )
+    parser.add_argument(
+        "--skip",
+        action="append",
+        default=[],
+        choices=["throughput", "layout", "isolation-slow", "isolation-clip"],
     )
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -372,19 +381,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 2
     result: dict[str, Any] = {"machine": machine_info(), "command": " ".join(sys.argv)}
     result["throughput"], result["drop_before_work"], result["isolation"] = [], {}, []
-    with contextlib.ExitStack() as stack:
-        servers = [
-            stack.enter_context(RtspServer(args.clip, DEFAULT_SERVE_SCRIPT)) for _ in range(CAMERAS)
-        ]
-        urls = [s.url for s in servers]
-        if "throughput" not in args.skip:
-            result["throughput"] = throughput(urls, args.model, args.seconds, args.rounds)
-        if "layout" not in args.skip:
-            result["drop_before_work"] = drop_before_work(urls, args.model, args.seconds)
-    if "isolation" not in args.skip:
+    if not {"throughput", "layout"} <= set(args.skip):
+        with contextlib.ExitStack() as stack:
+            servers = [
+                stack.enter_context(RtspServer(args.clip, DEFAULT_SERVE_SCRIPT))
+                for _ in range(CAMERAS)
+            ]
+            urls = [s.url for s in servers]
+            if "throughput" not in args.skip:
+                result["throughput"] = throughput(urls, args.model, args.seconds, args.rounds)
+            if "layout" not in args.skip:
+                result["drop_before_work"] = drop_before_work(urls, args.model, args.seconds)
+    if "isolation-slow" not in args.skip:
         with tempfile.TemporaryDirectory() as tmp:
-            slow = slow_clip(args.clip, Path(tmp) / f"camera_{SLOW_FPS}fps.mp4", SLOW_FPS)
+            name = f"camera_{float(args.slow_fps):g}fps.mp4"
+            slow = slow_clip(args.clip, Path(tmp) / name, args.slow_fps)
             result["isolation"].append(isolation(slow, args.model, args.seconds, SLOW_TIMEOUT_MS))
+    if "isolation-clip" not in args.skip:
         result["isolation"].append(isolation(args.clip, args.model, args.seconds, 40.0))
     result["machine_after"] = machine_info()["load_avg_1_5_15"]
     _print(result)
