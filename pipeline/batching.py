@@ -17,8 +17,9 @@ timeout is marked *stalled* and no later batch waits for it until its next item 
 camera that dies or freezes costs the others at most one wait of ``batch_timeout_s``, once,
 and is simply left out of the batches after that. While a batch waits it takes only the items
 of the lanes still missing, not a second, newer item of a lane already in it: otherwise the
-batch could fill up before a dead camera is ever found missing, and every batch would wait. Per-stream order is kept: items of one lane
-come out in the order they went in, in one batch or across batches.
+batch could fill up before a dead camera is ever found missing, and every batch would wait.
+Per-stream order is kept: items of one lane come out in the order they went in, in one batch or
+across batches.
 
 Threads: any number of producers call ``put()`` (each blocks only on its own lane when that is
 full and blocking); one consumer calls ``get_batch()``; any thread may call ``close()`` and
@@ -110,7 +111,7 @@ class BatchSpec:
     key: Callable[[Any], Hashable]
     max_batch: int = 1
     batch_timeout_s: float = 0.0
-    lanes: Mapping[Hashable, LaneSpec] = field(default_factory=dict)
+    lanes: Mapping[Any, LaneSpec] = field(default_factory=dict)
     default_lane: LaneSpec = field(default_factory=LaneSpec)
 
     def __post_init__(self) -> None:

@@ -315,7 +315,7 @@ class Pipeline:
         self,
         sources: Sequence[Source[Any]],
         processors: Sequence[
-            tuple[Processor[Any, Any], BufferSpec] | tuple[BatchProcessor[Any, Any], BatchSpec]
+            tuple[Processor[Any, Any] | BatchProcessor[Any, Any], BufferSpec | BatchSpec]
         ],
         sinks: Sequence[tuple[Sink[Any], BufferSpec]],
         *,
@@ -413,9 +413,9 @@ class Pipeline:
             targets: list[tuple[str, Callable[[], None], Callable[[], None]]] = []
             for sink, buf in zip(self._sinks, self._sink_inputs):
                 targets.append((sink.name, _bind(self._sink_loop, sink, buf), sink.teardown))
-            for proc, buf, outlet in zip(self._processors, self._proc_inputs, self._proc_outlets):
-                loop = self._batch_loop if isinstance(buf, Batcher) else self._processor_loop
-                targets.append((proc.name, _bind(loop, proc, buf, outlet), proc.teardown))
+            for proc, inbox, outlet in zip(self._processors, self._proc_inputs, self._proc_outlets):
+                loop = self._batch_loop if isinstance(inbox, Batcher) else self._processor_loop
+                targets.append((proc.name, _bind(loop, proc, inbox, outlet), proc.teardown))
             for src in self._sources:
                 targets.append((src.name, _bind(self._source_loop, src), src.teardown))
             self._threads_left = len(targets)

@@ -217,8 +217,8 @@ class LiveFramePacket(FramePacket):
     ``image_rgb_u8``, ``width`` and ``height`` behave as on any packet; the conversion
     (``stages.decode.frame_to_rgb_u8``: colour matrix, range, rotation) runs once, in the thread
     that first reads ``image_rgb_u8``, and the decoded frame is released then. ``width`` and
-    ``height`` come from the decoded frame without converting it. A packet belongs to one stage
-    at a time (``stages.frame``), so one thread converts.
+    ``height`` come from the decoded frame without converting it. Sinks fanned out from one
+    stage may read it at once: a lock makes the first reader convert and the others wait.
     """
 
     def __init__(
@@ -234,25 +234,36 @@ class LiveFramePacket(FramePacket):
         self._decoded: av.VideoFrame | None = decoded
         self._rgb: np.ndarray | None = None
         self._on_convert = on_convert
+        self._convert_lock = threading.Lock()
         # The displayed size: a quarter turn of rotation swaps the coded width and height.
         turned = round(decoded.rotation / 90) % 2 == 1
         self._size_wh = (
             (decoded.height, decoded.width) if turned else (decoded.width, decoded.height)
         )
         super().__init__(
-            stream_id=stream_id, index=index, pts_s=pts_s, image_rgb_u8=None, arrival_s=arrival_s
+            stream_id=stream_id,
+            index=index,
+            pts_s=pts_s,
+            image_rgb_u8=None,  # type: ignore[arg-type]  # pending: made when first read
+            arrival_s=arrival_s,
         )
 
     @property  # type: ignore[override]
     def image_rgb_u8(self) -> np.ndarray:
-        if self._rgb is None:
-            decoded = self._decoded
-            if decoded is None:
-                raise RuntimeError(f"frame {self.stream_id}/{self.index} has no picture")
-            self._rgb, self._decoded = frame_to_rgb_u8(decoded), None
-            if self._on_convert is not None:
-                self._on_convert()
-        return self._rgb
+        rgb = self._rgb
+        if rgb is not None:
+            return rgb
+        with self._convert_lock:
+            rgb = self._rgb
+            if rgb is None:  # nobody converted it while this thread waited for the lock
+                decoded = self._decoded
+                if decoded is None:
+                    raise RuntimeError(f"frame {self.stream_id}/{self.index} has no picture")
+                rgb = frame_to_rgb_u8(decoded)
+                self._rgb, self._decoded = rgb, None
+                if self._on_convert is not None:
+                    self._on_convert()
+            return rgb
 
     @image_rgb_u8.setter
     def image_rgb_u8(self, value: np.ndarray | None) -> None:

@@ -96,7 +96,7 @@ def test_a_batch_waits_for_an_expected_stream_until_it_delivers() -> None:
     b = _batcher(max_batch=3, timeout_s=5.0)
     for s in ("a", "b", "c"):
         b.put((s, 0))
-    assert len(b.get_batch()) == 3  # all three are expected now
+    assert b.get_batch() == [("a", 0), ("b", 0), ("c", 0)]  # all three are expected now
     b.put(("a", 1))
     b.put(("b", 1))
     threading.Timer(0.3, lambda: b.put(("c", 1))).start()
@@ -128,8 +128,8 @@ def test_a_stalled_stream_costs_one_timeout_then_is_left_out() -> None:
     # When c comes back it is in the next batch, and expected again.
     b.put(("c", 9))
     b.put(("a", 4))
-    batch = b.get_batch()
-    assert batch is not END_OF_STREAM and sorted(batch) == [("a", 4), ("c", 9)]
+    back = b.get_batch()
+    assert back is not END_OF_STREAM and sorted(back) == [("a", 4), ("c", 9)]
     assert "c" not in b.stalled()
 
 
