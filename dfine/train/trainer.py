@@ -50,6 +50,7 @@ from dfine.train.checkpointing import (
 )
 from dfine.train.ema import ModelEma
 from dfine.train.evaluate import EvalResult, evaluate_model
+from dfine.train.host_memory import retain_freed_memory
 from dfine.train.optim import LrSchedule, build_optimizer
 from dfine.train.settings import Amp, TrainDevice, TrainSettings
 
@@ -207,6 +208,10 @@ class Trainer:
         random.seed(s.seed)
         np.random.seed(s.seed)
         torch.manual_seed(s.seed)
+        if self.device.type == "cpu":
+            # Each step frees and re-allocates the same large activations: keep them in the
+            # heap rather than page-faulting them in again (15 % of a CPU step's time).
+            retain_freed_memory()
 
         import dfine
         from dfine.criterion import Criterion
