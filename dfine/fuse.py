@@ -161,6 +161,7 @@ class SelfAttention(nn.Module):
         key: torch.Tensor,
         value: torch.Tensor,
         attn_mask: torch.Tensor | None = None,
+        need_weights: bool = False,  # nn.MultiheadAttention's signature; never computed here
     ) -> tuple[torch.Tensor, None]:
         """``query`` = ``key`` and ``value`` ``(B, N, C)`` → ``((B, N, C), None)``.
 

@@ -227,7 +227,9 @@ def test_anchors_follow_the_input_size(n_model: DFINE) -> None:
         [(40, 40), (20, 20)], torch.device("cpu"), torch.float32
     )
     assert torch.equal(valid, n_model.decoder.valid_mask)
-    assert torch.equal(anchors, n_model.decoder.anchors)
+    # Equal to the last bit where the checkpoint was made; another CPU's libm may round the
+    # logit's log one ulp apart (seen on Intel Xeon hosts).
+    torch.testing.assert_close(anchors, n_model.decoder.anchors, rtol=0, atol=1e-6)
 
 
 def test_input_size_not_a_multiple_of_32_is_refused(n_model: DFINE) -> None:
