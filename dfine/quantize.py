@@ -38,6 +38,7 @@ import io
 import json
 import logging
 import math
+import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Collection, Iterable, Iterator, Sequence
@@ -326,6 +327,19 @@ def _descendants(nodes: Sequence[onnx.NodeProto], tensor: str) -> set[str]:
     return reached
 
 
+@contextlib.contextmanager
+def _working_dir(path: Path) -> Iterator[None]:
+    """Run ORT's tools inside ``path``: its symbolic shape inference and external-data saving
+    write scratch files (``sym_shape_infer_temp.onnx``, ``<uuid>.data``) into the current
+    directory, which is the user's. (Process-wide: export runs before any thread starts.)"""
+    before = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(before)
+
+
 def _pre_process(fp32_path: Path, out_path: Path) -> None:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -419,7 +433,8 @@ def quantize_int8(
     if method is not CalibrationMethod.MINMAX:
         # ORT feeds set_range chunks of this size; the chunk must divide the frame count.
         extra["CalibStridedMinMax"] = math.gcd(len(inputs), _HISTOGRAM_CHUNK)
-    with tempfile.TemporaryDirectory(prefix="finestream_int8_") as tmp:
+    fp32_path, out_path = Path(fp32_path).resolve(), Path(out_path).resolve()
+    with tempfile.TemporaryDirectory(prefix="finestream_int8_") as tmp, _working_dir(Path(tmp)):
         prepared_path = Path(tmp) / "prepared.onnx"
         _pre_process(fp32_path, prepared_path)
         prepared = onnx.load(str(prepared_path))
