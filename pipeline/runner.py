@@ -156,12 +156,19 @@ class _Outlet:
             buf.put_end()
 
 
-def _lower_thread_priority(nice: int) -> None:
-    """Raise the calling thread's nice value (Linux schedules threads one by one)."""
-    if nice <= 0:
+def _lower_thread_priority(increment: int) -> None:
+    """Raise the calling thread's nice value by ``increment`` (Linux schedules threads one by one).
+
+    Relative to the thread's current value, capped at 19: setting the increment as an absolute
+    value would give a stage of a process started under ``nice 10`` a *higher* priority when run
+    as root (and fail otherwise).
+    """
+    if increment <= 0:
         return
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+        thread_id = threading.get_native_id()
+        current = os.getpriority(os.PRIO_PROCESS, thread_id)
+        os.setpriority(os.PRIO_PROCESS, thread_id, min(current + increment, 19))
     except (AttributeError, OSError) as exc:  # not Linux, or not allowed: run at normal priority
         logger.debug("could not lower thread priority: %s", exc)
 
