@@ -19,7 +19,7 @@ from tests.conftest import REPO
 
 pytestmark = pytest.mark.slow  # two runs over 294 frames: about a minute on the CI machine
 
-MODEL = REPO / "assets" / "dfine_n_road_320.pth"
+MODEL = REPO / "assets" / "dfine_n_road_480.pth"
 MIN_FRAMES, MIN_IOU = 20, 0.5
 
 
@@ -90,5 +90,5 @@ def test_the_bundled_model_is_a_small_release_with_its_names() -> None:
 
     assert MODEL.stat().st_size <= 16 * 2**20
     info = read_model_info(MODEL)
-    assert info.size == "n" and info.trained_side == 320
+    assert info.size == "n" and info.trained_side == 480
     assert info.class_names == ("person", "bicycle", "car", "motorcycle", "bus", "truck")
