@@ -109,7 +109,7 @@ def box_iou(a_xyxy: np.ndarray, b_xyxy: np.ndarray) -> np.ndarray:
     return np.asarray(inter / np.maximum(area_a + area_b - inter, 1e-9))
 
 
-def _matched_iou(ref: Frame, got: Frame) -> tuple[np.ndarray, np.ndarray]:
+def matched_iou(ref: Frame, got: Frame) -> tuple[np.ndarray, np.ndarray]:
     """One-to-one same-label match maximising IoU: per ``ref`` box its IoU (0 unmatched) and the
     index of its ``got`` box (-1)."""
     iou = box_iou(ref[1], got[1]) * (ref[0][:, None] == got[0][None, :])
@@ -147,7 +147,7 @@ def box_agreement(
         else:
             ref_sel = tuple(a[ref[2] >= score_threshold] for a in ref)
             got_sel = tuple(a[got[2] >= score_threshold / 2] for a in got)
-        best, index = _matched_iou(ref_sel, got_sel)  # type: ignore[arg-type]
+        best, index = matched_iou(ref_sel, got_sel)  # type: ignore[arg-type]
         ok = best >= MATCH_IOU
         ious.append(best)
         got_scores = got_sel[2][index[ok]]
@@ -156,7 +156,7 @@ def box_agreement(
         if top_k is None:
             got_conf = tuple(a[got[2] >= score_threshold] for a in got)
             ref_loose = tuple(a[ref[2] >= score_threshold / 2] for a in ref)
-            back, _ = _matched_iou(got_conf, ref_loose)  # type: ignore[arg-type]
+            back, _ = matched_iou(got_conf, ref_loose)  # type: ignore[arg-type]
             extra += float((back < 0.5).sum())
             confident_got += len(back)
     all_iou = np.concatenate(ious) if ious else np.zeros(0)

@@ -5,7 +5,7 @@
 
 Both files (``finestream release`` with and without ``--fp32``) run in the torch backend at their
 recorded input side on the same frames. Each FP32 detection at or above ``--threshold`` is
-matched one to one (same class, least total corner distance) to an FP16 detection; the figures
+matched one to one (same class, highest IoU: ``bench.int8.matched_iou``) to an FP16 detection; the figures
 are how many were matched and the largest and median corner difference in source pixels.
 """
 
@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
 
 from bench.common import configure_logging, write_json
 from bench.drone import read_frames
+from bench.int8 import matched_iou
 from bench.uncertainty import TorchDetector
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,22 +36,13 @@ def compare(fp32: Path, fp16: Path, frames: list[np.ndarray], threshold: float) 
     for index, image in enumerate(frames):
         a, b = reference(index, image), candidate(index, image)
         keep = a.scores >= threshold
-        boxes_a, labels_a = a.boxes_xyxy[keep], a.class_ids[keep]
-        confident += len(boxes_a)
-        if len(boxes_a) == 0:
-            continue
-        if len(b.scores) == 0:
-            unmatched += len(boxes_a)
-            continue
-        cost = np.abs(boxes_a[:, None] - b.boxes_xyxy[None]).sum(-1)
-        cost += 1e6 * (labels_a[:, None] != b.class_ids[None])
-        rows, cols = linear_sum_assignment(cost)
-        unmatched += len(boxes_a) - len(rows)
-        for r, c in zip(rows, cols, strict=True):
-            if labels_a[r] != b.class_ids[c]:
-                unmatched += 1
-                continue
-            diffs_px.append(float(np.abs(boxes_a[r] - b.boxes_xyxy[c]).max()))
+        ref = (a.class_ids[keep], a.boxes_xyxy[keep], a.scores[keep])
+        confident += len(ref[0])
+        _, match = matched_iou(ref, (b.class_ids, b.boxes_xyxy, b.scores))
+        unmatched += int((match < 0).sum())
+        for box_xyxy, j in zip(ref[1], match, strict=True):
+            if j >= 0:
+                diffs_px.append(float(np.abs(box_xyxy - b.boxes_xyxy[j]).max()))
     return {
         "frames": len(frames),
         "threshold": threshold,
